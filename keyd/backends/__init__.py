@@ -1,0 +1,1 @@
+"""Key backends: one protocol (base.py), one module per implementation."""
