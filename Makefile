@@ -1,0 +1,42 @@
+# keyd — everything a fresh machine needs is installed from here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEBS   := softhsm2 wrk
+
+.PHONY: run test lint bench setup system-packages clean
+
+run: setup            ## sandbox keys, JWKS and local API up on the default config.toml
+	$(BIN)/keyd --config config.toml init
+	exec $(BIN)/keyd --config config.toml serve
+
+test: setup           ## the whole suite, in parallel
+	$(BIN)/pytest -n 2 -q
+
+lint: setup
+	$(BIN)/ruff check keyd tests bench
+	$(BIN)/mypy keyd
+
+bench: setup
+	$(BIN)/python bench/sign_jws.py
+
+setup: system-packages $(STAMP)
+
+# Debian packages the tests and benchmarks use (SoftHSM2 for the HSM backend,
+# wrk as the load generator).  Installed only where missing; needs root.
+system-packages:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "install as root: apt-get install$$missing" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""`keyd serve`: the public JWKS listener, the local API on loopback TCP and on
+the unix socket, all in one uvicorn server and one event loop.
+
+keyd binds the sockets itself, so a port of 0 works (tests) and the real
+addresses are written to ``<data_dir>/endpoints.json`` once serving.  One
+ASGI app routes each connection by the socket it arrived on: the public
+socket reaches only the JWKS app, everything else the local API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from keyd.api.local import create_local_app
+from keyd.api.public import create_public_app
+from keyd.config import Listen, Settings
+from keyd.errors import ConfigError
+from keyd.metrics import Metrics
+from keyd.service import KeyService
+
+log = logging.getLogger("keyd.server")
+
+
+class ListenerRouter:
+    """Send each connection to the app of the listener it came in on."""
+
+    def __init__(self, public: ASGIApp, local: ASGIApp, public_port: int) -> None:
+        self.public, self.local, self.public_port = public, local, public_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        on_public = bool(server) and server[1] == self.public_port
+        await (self.public if on_public else self.local)(scope, receive, send)
+
+
+def _bind_tcp(listen: Listen, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"{what}: cannot listen on {listen}: {e.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        # A stale socket from an earlier run; refuse to remove anything else.
+        if not path.is_socket():
+            raise ConfigError(f"[api] socket: {path} exists and is not a socket")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is born 0600: only keyd's user connects
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"[api] socket: cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(settings: Settings) -> tuple[list[socket.socket], dict[str, Any]]:
+    public = _bind_tcp(settings.public.listen, "[public] listen")
+    sockets = [public]
+    endpoints: dict[str, Any] = {"public": _address(public)}
+    if settings.api.listen is not None:
+        local = _bind_tcp(settings.api.listen, "[api] listen")
+        sockets.append(local)
+        endpoints["api"] = _address(local)
+    if settings.api.socket is not None:
+        sockets.append(_bind_unix(settings.api.socket))
+        endpoints["socket"] = str(settings.api.socket)
+    return sockets, endpoints
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(service: KeyService) -> None:
+    settings = service.settings
+    sockets, endpoints = bind_listeners(settings)
+    public_port = sockets[0].getsockname()[1]
+    metrics = Metrics()
+    app = ListenerRouter(
+        create_public_app(service), create_local_app(service, metrics), public_port
+    )
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=16 * 1024,
+    )
+    server = uvicorn.Server(config)
+    endpoints_file = settings.keyd.data_dir / "endpoints.json"
+
+    async def run() -> None:
+        serving = asyncio.ensure_future(server.serve(sockets=sockets))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            tmp = endpoints_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(endpoints))
+            tmp.replace(endpoints_file)
+            log.info("serving JWKS on http://%s, local API on %s", endpoints["public"],
+                     ", ".join(str(v) for k, v in endpoints.items() if k != "public"))
+        await serving
+
+    try:
+        asyncio.run(run())
+    finally:
+        endpoints_file.unlink(missing_ok=True)
+        if settings.api.socket is not None:
+            settings.api.socket.unlink(missing_ok=True)
