@@ -223,19 +223,19 @@ class _Table:
     def name(self, key: str) -> str:
         return f"[{self.where}] {key}"
 
-    def str(self, key: str, default: str) -> str:
+    def text(self, key: str, default: str) -> str:
         value = self._get(key, default)
         if not isinstance(value, str):
             raise ConfigError(f"{self.name(key)} must be a string, not {value!r}")
         return value
 
-    def int(self, key: str, default: int) -> int:
+    def integer(self, key: str, default: int) -> int:
         value = self._get(key, default)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{self.name(key)} must be an integer, not {value!r}")
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{self.name(key)} must be true or false, not {value!r}")
@@ -285,19 +285,19 @@ def _path(base: Path, value: str) -> Path:
 
 def _read_lifecycle(t: _Table, purpose: Purpose, mode: Mode, throwaway: bool) -> LifecycleSettings:
     defaults = _PRODUCTION_DEFAULTS if mode is Mode.PRODUCTION else _SANDBOX_DEFAULTS
-    size = t.int("key_size", 2048)
+    size = t.integer("key_size", 2048)
     if size not in ALLOWED_KEY_SIZES:
         raise ConfigError(f"{t.name('key_size')}: {size} is not one of {ALLOWED_KEY_SIZES}")
     settings = LifecycleSettings(
         purpose=purpose,
-        enabled=t.bool("enabled", True),
+        enabled=t.flag("enabled", True),
         key_size=size,
         validity=t.duration("validity", defaults["validity"]),
         rotate_after=t.duration("rotate_after", defaults["rotate_after"]),
         prepublish=t.duration("prepublish", defaults["prepublish"]),
         overlap=t.duration("overlap", defaults["overlap"]),
         renew_before=t.duration("renew_before", defaults["renew_before"]),
-        exportable=t.bool("exportable", purpose is Purpose.TRANSPORT),
+        exportable=t.flag("exportable", purpose is Purpose.TRANSPORT),
     )
     t.done()
     if settings.exportable and purpose is not Purpose.TRANSPORT:
@@ -318,7 +318,7 @@ def _read_lifecycle(t: _Table, purpose: Purpose, mode: Mode, throwaway: bool) ->
 
 
 def _read_issuer(name: str, t: _Table) -> IssuerSettings:
-    uri = t.str("jwks_uri", "")
+    uri = t.text("jwks_uri", "")
     parts = urlsplit(uri)
     if parts.scheme == "https" and parts.hostname:
         pass
@@ -342,8 +342,8 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
         max_age=t.duration("max_age", "15m"),
         refetch_cooldown=t.duration("refetch_cooldown", "30s"),
         iat_max_age=t.duration("iat_max_age", "5m"),
-        fetch_timeout=float(t.int("fetch_timeout", 5)),
-        max_bytes=t.int("max_bytes", 512 * 1024),
+        fetch_timeout=float(t.integer("fetch_timeout", 5)),
+        max_bytes=t.integer("max_bytes", 512 * 1024),
     )
     t.done()
     if not 0 < settings.fetch_timeout <= 5:
@@ -370,25 +370,25 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     root = _Table(raw, "")
     k = root.table("keyd")
     try:
-        mode = Mode(k.str("mode", "sandbox"))
+        mode = Mode(k.text("mode", "sandbox"))
     except ValueError:
         raise ConfigError(f"[keyd] mode: {k.data.get('mode')!r} is not sandbox or production") from None
     try:
-        kid = KidScheme(k.str("kid", "x5t#S256"))
+        kid = KidScheme(k.text("kid", "x5t#S256"))
     except ValueError:
         choices = [s.value for s in KidScheme]
         raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not one of {choices}") from None
-    data_dir = _path(base, k.str("data_dir", "var"))
+    data_dir = _path(base, k.text("data_dir", "var"))
     keyd = KeydSettings(
         mode=mode,
         data_dir=data_dir,
-        client_id=k.str("client_id", ""),
-        organisation=k.str("organisation", ""),
+        client_id=k.text("client_id", ""),
+        organisation=k.text("organisation", ""),
         kid=kid,
-        policies_dir=_path(base, k.str("policies_dir", "policies")),
-        publish_transport=k.bool("publish_transport", False),
-        throwaway=k.bool("throwaway", False),
-        country=k.str("country", "MY"),
+        policies_dir=_path(base, k.text("policies_dir", "policies")),
+        publish_transport=k.flag("publish_transport", False),
+        throwaway=k.flag("throwaway", False),
+        country=k.text("country", "MY"),
     )
     k.done()
     if not keyd.client_id:
@@ -400,59 +400,59 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
 
     p = root.table("public")
     public = PublicSettings(
-        listen=_listen(p.str("listen", "127.0.0.1:8080"), p.name("listen"), loopback_only=False),
-        max_age=p.int("max_age", 300),
+        listen=_listen(p.text("listen", "127.0.0.1:8080"), p.name("listen"), loopback_only=False),
+        max_age=p.integer("max_age", 300),
     )
     p.done()
 
     a = root.table("api")
-    api_listen = a.str("listen", "127.0.0.1:8081")
-    api_socket = a.str("socket", "var/keyd.sock")
+    api_listen = a.text("listen", "127.0.0.1:8081")
+    api_socket = a.text("socket", "var/keyd.sock")
     api = ApiSettings(
         listen=_listen(api_listen, a.name("listen"), loopback_only=True) if api_listen else None,
         socket=_path(base, api_socket) if api_socket else None,
-        max_body=a.int("max_body", 256 * 1024),
+        max_body=a.integer("max_body", 256 * 1024),
     )
     a.done()
     if api.listen is None and api.socket is None:
         raise ConfigError("[api] needs a listen address, a socket, or both")
 
     s = root.table("store")
-    store = StoreSettings(url=s.str("url", f"sqlite:///{data_dir / 'keyd.db'}"))
+    store = StoreSettings(url=s.text("url", f"sqlite:///{data_dir / 'keyd.db'}"))
     s.done()
 
     b = root.table("backend")
-    kind = b.str("kind", "local")
+    kind = b.text("kind", "local")
     if kind not in ("local", "vault", "pkcs11"):
         raise ConfigError(f"[backend] kind: {kind!r} is not local, vault or pkcs11")
     bl = b.table("local")
     local = LocalBackendSettings(
-        master_key_file=_path(data_dir, bl.str("master_key_file", "master.key"))
+        master_key_file=_path(data_dir, bl.text("master_key_file", "master.key"))
     )
     bl.done()
     bv = b.table("vault")
     vault = VaultBackendSettings(
-        addr=bv.str("addr", "") or os.environ.get("VAULT_ADDR", "http://127.0.0.1:8200"),
-        mount=bv.str("mount", "transit"),
-        key_prefix=bv.str("key_prefix", "keyd-"),
-        namespace=bv.str("namespace", ""),
-        auth=bv.str("auth", "token"),
-        token_file=_path(base, f) if (f := bv.str("token_file", "")) else None,
-        role_id=bv.str("role_id", ""),
-        secret_id_file=_path(base, f) if (f := bv.str("secret_id_file", "")) else None,
-        timeout=float(bv.int("timeout", 2)),
+        addr=bv.text("addr", "") or os.environ.get("VAULT_ADDR", "http://127.0.0.1:8200"),
+        mount=bv.text("mount", "transit"),
+        key_prefix=bv.text("key_prefix", "keyd-"),
+        namespace=bv.text("namespace", ""),
+        auth=bv.text("auth", "token"),
+        token_file=_path(base, f) if (f := bv.text("token_file", "")) else None,
+        role_id=bv.text("role_id", ""),
+        secret_id_file=_path(base, f) if (f := bv.text("secret_id_file", "")) else None,
+        timeout=float(bv.integer("timeout", 2)),
     )
     bv.done()
     if vault.auth not in ("token", "approle"):
         raise ConfigError(f"[backend.vault] auth: {vault.auth!r} is not token or approle")
     bp = b.table("pkcs11")
     pkcs11 = Pkcs11BackendSettings(
-        module=Path(bp.str("module", "/usr/lib/softhsm/libsofthsm2.so")),
-        token_label=bp.str("token_label", "keyd"),
-        token_serial=bp.str("token_serial", ""),
-        pin_file=_path(base, f) if (f := bp.str("pin_file", "")) else None,
-        oaep_sha256=bp.str("oaep_sha256", "auto"),
-        sessions=bp.int("sessions", 4),
+        module=Path(bp.text("module", "/usr/lib/softhsm/libsofthsm2.so")),
+        token_label=bp.text("token_label", "keyd"),
+        token_serial=bp.text("token_serial", ""),
+        pin_file=_path(base, f) if (f := bp.text("pin_file", "")) else None,
+        oaep_sha256=bp.text("oaep_sha256", "auto"),
+        sessions=bp.integer("sessions", 4),
     )
     bp.done()
     if pkcs11.oaep_sha256 not in ("auto", "token", "raw"):

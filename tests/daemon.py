@@ -1,0 +1,197 @@
+"""Run the real daemon for tests: a config in a temp folder, `keyd init`,
+`keyd client add`, then `keyd serve` as a subprocess on ports chosen by the
+kernel; the test talks to it over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+KEYD = [sys.executable, "-m", "keyd.cli"]
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(folder: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """A config.toml in ``folder``: the test defaults, overridden per table."""
+    base: dict[str, dict[str, Any]] = {
+        "keyd": {
+            "mode": "sandbox",
+            "data_dir": "var",
+            "client_id": "test-client-0001",
+            "organisation": "Test Participant Sdn Bhd",
+            "policies_dir": str(REPO / "policies"),
+        },
+        "public": {"listen": "127.0.0.1:0", "max_age": 300},
+        "api": {"listen": "127.0.0.1:0", "socket": "var/keyd.sock"},
+        "backend": {"kind": "local"},
+    }
+    for name, values in tables.items():
+        base.setdefault(name, {}).update(values)
+    lines: list[str] = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{json.dumps(k) if '#' in k else k} = {toml_value(v)}"
+                     for k, v in values.items())
+        lines.append("")
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def keyd(config: Path, *args: str, env: dict[str, str] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*KEYD, "--config", str(config), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"keyd {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+@dataclass
+class Daemon:
+    config: Path
+    proc: subprocess.Popen[bytes]
+    public_url: str
+    api_url: str
+    socket: Path
+    admin_token: str
+    service_token: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.api_url, headers=headers, timeout=30, **kwargs)
+
+    def socket_client(self, token: str) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        return httpx.Client(base_url="http://keyd", transport=transport, timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    def public(self) -> httpx.Client:
+        return httpx.Client(base_url=self.public_url, timeout=30)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        return self.alive() and httpx.get(self.api_url + "/healthz").status_code == 200
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start(config: Path, env: dict[str, str] | None = None, *,
+          admin_token: str = "", service_token: str = "") -> Daemon:
+    """`keyd serve` on ``config``; returns once endpoints.json says it is up."""
+    data_dir = config.parent / "var"
+    endpoints = data_dir / "endpoints.json"
+    endpoints.unlink(missing_ok=True)
+    log = open(config.parent / "keyd.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [*KEYD, "--config", str(config), "serve"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )
+    ready = threading.Event()
+
+    def wait() -> None:
+        # Poll endpoints.json; the daemon writes it once its sockets accept.
+        while proc.poll() is None and not endpoints.exists():
+            ready.wait(0.05)
+        ready.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(START_TIMEOUT)
+    if not endpoints.exists():
+        proc.kill()
+        raise AssertionError("keyd serve did not start:\n" +
+                             (config.parent / "keyd.log").read_text()[-3000:])
+    addresses = json.loads(endpoints.read_text())
+    return Daemon(
+        config=config,
+        proc=proc,
+        public_url=f"http://{addresses['public']}",
+        api_url=f"http://{addresses['api']}",
+        socket=Path(addresses["socket"]),
+        admin_token=admin_token,
+        service_token=service_token,
+        env=env or {},
+    )
+
+
+@contextmanager
+def running(folder: Path, tables: dict[str, dict[str, Any]] | None = None,
+            env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """init + an admin and a service client + serve; stopped afterwards."""
+    config = write_config(folder, tables or {})
+    keyd(config, "init", env=env)
+    admin = keyd(config, "client", "add", "admin-1", "--policy", "admin", env=env).stdout.strip()
+    service = keyd(config, "client", "add", "svc-1", "--policy", "service",
+                   env=env).stdout.strip()
+    daemon = start(config, env, admin_token=admin, service_token=service)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+class StaticServer:
+    """A loopback HTTP server answering GET with whatever the test sets."""
+
+    def __init__(self) -> None:
+        self.body = b'{"keys": []}'
+        self.status = 200
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                outer.requests += 1
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
