@@ -82,6 +82,7 @@ class Daemon:
     admin_token: str
     service_token: str
     env: dict[str, str] = field(default_factory=dict)
+    log: Any = None  # the daemon's output file, closed when it stops
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -109,6 +110,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.log is not None:
+            self.log.close()
 
 
 def start(config: Path, env: dict[str, str] | None = None, *,
@@ -135,6 +138,8 @@ def start(config: Path, env: dict[str, str] | None = None, *,
     waiter.join(START_TIMEOUT)
     if not endpoints.exists():
         proc.kill()
+        proc.wait()
+        log.close()
         raise AssertionError("keyd serve did not start:\n" +
                              (config.parent / "keyd.log").read_text()[-3000:])
     addresses = json.loads(endpoints.read_text())
@@ -147,6 +152,7 @@ def start(config: Path, env: dict[str, str] | None = None, *,
         admin_token=admin_token,
         service_token=service_token,
         env=env or {},
+        log=log,
     )
 
 

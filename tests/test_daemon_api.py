@@ -17,7 +17,7 @@ import pytest
 from joserfc import jwe, jws, jwt
 from joserfc.jwk import KeySet, RSAKey
 from joserfc.registry import HeaderParameter
-from joserfc.rfc7515.registry import JWSRegistry  # type: ignore[import-not-found]
+
 
 from tests.daemon import Daemon, StaticServer, running
 
@@ -45,7 +45,7 @@ class PayNet:
 
     def sign(self, payload: bytes | str, **header: Any) -> str:
         protected = {"alg": "PS256", "kid": "paynet-sig-1", **header}
-        return jws.serialize_compact(protected, payload, self.key)
+        return jws.serialize_compact(protected, payload, self.key, algorithms=["PS256"])
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_detached_message_signature_carries_paynets_header_claims(
     assert header["iss"] == "test-client-0001"
     assert set(header["crit"]) == {"iss", "iat", "jti"}
     assert abs(header["iat"] - time.time()) < 60
-    registry = JWSRegistry(header_registry={
+    registry = jws.JWSRegistry(header_registry={
         "iss": HeaderParameter("Issuer", "str"),
         "iat": HeaderParameter("Issued at", "int"),
         "jti": HeaderParameter("JWT ID", "str"),
@@ -211,9 +211,12 @@ def test_jwe_made_by_joserfc_to_our_jwks_decrypts(
 
 
 def test_jwe_to_our_signing_key_is_refused(daemon: Daemon, svc: httpx.Client) -> None:
-    sig_key = next(k for k in fetched_jwks(daemon).keys if k.get("use") == "sig")
-    token = jwe.encrypt_compact({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": sig_key.kid},
-                                b"x", sig_key)
+    published = next(k for k in fetched_jwks(daemon).keys if k.get("use") == "sig")
+    # joserfc rightly refuses to encrypt to a "use": "sig" key; strip it to build the attack.
+    members = {k: v for k, v in published.as_dict(private=False).items() if k != "use"}
+    sig_key = RSAKey.import_key(members)
+    token = jwe.encrypt_compact({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": published.kid},
+                                b"x", sig_key, algorithms=["RSA-OAEP-256", "A256GCM"])
     answer = svc.post("/v1/decrypt/jwe", json={"jwe": token})
     assert answer.status_code == 422
     assert answer.json()["error"] == "invalid_token"
@@ -248,7 +251,8 @@ def test_unwrap_verifies_paynets_signature_then_decrypts_the_inner_jwe(
 ) -> None:
     enc_key = next(k for k in fetched_jwks(daemon).keys if k.get("use") == "enc")
     inner = jwe.encrypt_compact({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": enc_key.kid},
-                                json.dumps({"Data": {"Accounts": []}}), enc_key)
+                                json.dumps({"Data": {"Accounts": []}}), enc_key,
+                                algorithms=["RSA-OAEP-256", "A256GCM"])
     answer = svc.post("/v1/unwrap", json={"jws": paynet.sign(inner), "issuer": "paynet"})
     assert answer.status_code == 200, answer.text
     body = answer.json()
