@@ -246,6 +246,8 @@ def verify_jws(
     replay: ReplayCheck | None = None,
 ) -> VerifiedJws:
     """Verify a compact (or detached, ``h..s``) JWS against the issuer's keys."""
+    if isinstance(algorithms, str):  # "PS256" is a Sequence too; never match substrings
+        algorithms = (algorithms,)
     h_seg, p_seg, s_seg = split_compact(compact, 3, "JWS")
     header = decode_header(h_seg, "JWS")
     alg = header.get("alg")
