@@ -265,6 +265,15 @@ def test_jwe_with_empty_plaintext_decrypts() -> None:
     )
 
 
+def test_a_jwe_without_kid_decrypts_and_reports_no_kid() -> None:
+    public = RSAKey.import_key(ENC_KEY.public_key())
+    header = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
+    token = jwe.encrypt_compact(header, b"x", public, algorithms=["RSA-OAEP-256", "A256GCM"])
+    assert "kid" not in parse_jwe_header(token)
+    result = decrypt_jwe(token, decrypter)
+    assert (result.plaintext, result.kid) == (b"x", "")
+
+
 def test_parse_jwe_header_names_the_kid_without_any_rsa_work() -> None:
     header = parse_jwe_header(joserfc_jwe("RSA-OAEP-256", "A256GCM", b"x", cty="JWT"))
     assert header["kid"] == ENC_KID and header["cty"] == "JWT"

@@ -540,7 +540,9 @@ REFUSED_JWE_HEADERS = [
     jwe_header(crit=[]),
     jwe_header(jku="http://169.254.169.254/jwks"),
     jwe_header(jwk={"kty": "RSA"}),
-    {"alg": "RSA-OAEP-256", "enc": "A256GCM"},  # no kid
+    jwe_header(kid=None),
+    jwe_header(kid=""),
+    jwe_header(kid=["enc-kid"]),
     jwe_header(kid="k" * 300),
     b'{"alg":"RSA1_5","alg":"RSA-OAEP-256","enc":"A256GCM","kid":"enc-kid"}',
     b'["RSA-OAEP-256"]',

@@ -56,7 +56,7 @@ _REFUSED_MEMBERS = ("zip", "crit", "jku", "x5u", "jwk", "x5c")
 @dataclass(frozen=True)
 class JweResult:
     plaintext: bytes
-    kid: str
+    kid: str  # the header's kid; "" when the sender named none
     header: dict[str, Any]
 
 
@@ -77,7 +77,8 @@ def parse_jwe_header(compact: str) -> dict[str, Any]:
             # zip: decompression bombs and compression oracles; crit: nothing
             # keyd would understand; jku & co.: keys never come from a token.
             raise InvalidToken(f"JWE header {name!r} is refused")
-    header_kid(header, "JWE")
+    if "kid" in header:  # optional: without one the service uses its active encryption key
+        header_kid(header, "JWE")
     if not segments[1]:
         raise InvalidToken("the JWE has no encrypted key")
     return header
@@ -139,4 +140,4 @@ def decrypt_jwe(compact: str, decrypt_cek: CekDecrypter) -> JweResult:
     except (InvalidTag, ValueError, DecryptionFailed) as e:
         # The one answer for every tampering case: same class, same detail.
         raise DecryptionFailed() from e
-    return JweResult(plaintext=plaintext, kid=header["kid"], header=header)
+    return JweResult(plaintext=plaintext, kid=header.get("kid", ""), header=header)
