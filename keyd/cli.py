@@ -179,7 +179,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     for row in rows:
         record = {
             "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
-            "kid": row.kid, "outcome": row.outcome, "detail": json.loads(row.detail or "{}"),
+            "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
         }
         print(json.dumps(record) if args.json else
               f"{row.seq:>6} {row.at:%Y-%m-%dT%H:%M:%SZ} {row.actor:<12} {row.action:<22} "

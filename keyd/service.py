@@ -150,6 +150,8 @@ class KeyService:
         return cls(settings, store, backend, AuditLog(store, clock), clock)
 
     def close(self) -> None:
+        for issuer in self.issuers.values():
+            issuer.close()
         self.audit.close()
         self.backend.close()
         self.store.close()
