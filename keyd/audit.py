@@ -44,8 +44,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from keyd.clock import Clock, utc
-from keyd.errors import KeydError, StoreUnavailable
-from keyd.store.db import AUDIT_LOCK, Store
+from keyd.errors import StoreUnavailable
+from keyd.store.db import AUDIT_LOCK, Store, store_error
 from keyd.store.tables import AuditEventRow
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class _Pending:
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
-        self.done = threading.Event()
+        # A held lock the writer releases: a cheaper wake-up than an Event.
+        self.done = threading.Lock()
+        self.done.acquire()
         self.error: str | None = None
 
 
@@ -120,6 +122,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._closed = False
         self._writer: threading.Thread | None = None
+        self._conn: Connection | None = None  # the writer thread's own
 
     # ------------------------------------------------------------------ writing
 
@@ -137,14 +140,14 @@ class AuditLog:
             try:
                 _append(self._store, session.connection(), [pending.values])
             except SQLAlchemyError as e:
-                raise StoreUnavailable(f"audit log not written ({event.action}): {e}") from e
+                raise store_error(e, f"audit append ({event.action})") from e
             return
         with self._lock:
             if self._closed:
                 raise StoreUnavailable(f"audit log is closed; {event.action} not recorded")
             self._start_writer()
             self._queue.put(pending)
-        if not pending.done.wait(WAIT_TIMEOUT):
+        if not pending.done.acquire(timeout=WAIT_TIMEOUT):
             raise StoreUnavailable(
                 f"audit log not written within {WAIT_TIMEOUT:.0f}s ({event.action})"
             )
@@ -186,11 +189,18 @@ class AuditLog:
             self._writer.start()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._disconnect()
+
+    def _loop(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
             if first is None:
                 return
+            # Let threads woken by the last batch queue their next event first.
             time.sleep(0)
             batch = [first]
             # Everything that queued while the last batch was committing goes
@@ -209,16 +219,33 @@ class AuditLog:
     def _commit(self, batch: builtins.list[_Pending]) -> None:
         error: str | None = None
         try:
-            with self._store.transaction("audit append", write=True) as conn:
-                _append(self._store, conn, [p.values for p in batch])
-        except KeydError as e:
-            error = e.detail
+            # One connection kept for the writer's life: no pool checkout (and
+            # no PostgreSQL pre-ping round trip) per batch.
+            if self._conn is None:
+                self._conn = self._store.connect(write=True)
+            with self._conn.begin():
+                _append(self._store, self._conn, [p.values for p in batch])
+        except SQLAlchemyError as e:
+            self._disconnect(broken=True)  # a fresh connection for the next batch
+            error = str(store_error(e, "audit append"))
         except Exception as e:  # noqa: BLE001 - every waiter must wake, whatever broke
+            self._disconnect(broken=True)
             log.exception("audit writer failed")
             error = f"audit log not written: {type(e).__name__}: {e}"
         for p in batch:
             p.error = error
-            p.done.set()
+            p.done.release()
+
+    def _disconnect(self, *, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if broken:
+                conn.invalidate()  # not back into the pool: it may be dead
+            conn.close()
+        except SQLAlchemyError:
+                log.warning("audit writer: closing its database connection failed")
 
     # ------------------------------------------------------------------ reading
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from keyd import config
-from keyd.errors import KeydError
+from keyd.errors import BackendUnavailable, KeydError
 from keyd.model import Purpose
 from keyd.service import KeyInfo, KeyService
 
@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def _service(args: argparse.Namespace) -> Iterator[KeyService]:
-    service = KeyService.open(config.load(args.config))
+def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Iterator[KeyService]:
+    service = KeyService.open(config.load(args.config), require_backend=require_backend)
     try:
         yield service
     finally:
@@ -104,8 +104,12 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from keyd.api.server import serve
 
-    with _service(args) as service:
-        service.init()
+    with _service(args, require_backend=False) as service:
+        try:
+            service.init()
+        except BackendUnavailable as e:
+            # Keys already exist (or cannot be made now): serve what the store has.
+            logging.getLogger("keyd").warning("init skipped: %s", e.detail)
         serve(service)
 
 

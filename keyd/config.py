@@ -372,7 +372,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     try:
         mode = Mode(k.text("mode", "sandbox"))
     except ValueError:
-        raise ConfigError(f"[keyd] mode: {k.data.get('mode')!r} is not sandbox or production") from None
+        mode_value = k.data.get("mode")
+        raise ConfigError(f"[keyd] mode: {mode_value!r} is not sandbox or production") from None
     try:
         kid = KidScheme(k.text("kid", "x5t#S256"))
     except ValueError:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     SANDBOX = "sandbox"
     PRODUCTION = "production"
 
 
-class Purpose(str, Enum):
+class Purpose(StrEnum):
     TRANSPORT = "transport"
     SIGNING = "signing"
     ENCRYPTION = "encryption"
@@ -33,7 +33,7 @@ class Purpose(str, Enum):
         return self is Purpose.ENCRYPTION
 
 
-class KeyState(str, Enum):
+class KeyState(StrEnum):
     AWAITING_CERTIFICATE = "awaiting_certificate"
     PENDING = "pending"
     ACTIVE = "active"
@@ -56,14 +56,14 @@ class KeyState(str, Enum):
         return self.published
 
 
-class SignScheme(str, Enum):
+class SignScheme(StrEnum):
     """The RSA signature schemes a backend must offer."""
 
     PSS_SHA256 = "pss-sha256"  # JWS PS256: MGF1-SHA256, salt length 32 (= hash)
     PKCS1V15_SHA256 = "pkcs1v15-sha256"  # X.509 certificates and CSRs
 
 
-class OaepHash(str, Enum):
+class OaepHash(StrEnum):
     """The OAEP digests JWE key management may use (MGF1 uses the same digest)."""
 
     SHA256 = "sha256"  # RSA-OAEP-256
@@ -74,7 +74,7 @@ class OaepHash(str, Enum):
         return {"sha256": "RSA-OAEP-256", "sha1": "RSA-OAEP"}[self.value]
 
 
-class KidScheme(str, Enum):
+class KidScheme(StrEnum):
     X5T_S256 = "x5t#S256"  # PayNet: the certificate's SHA-256 thumbprint
     RFC7638 = "rfc7638"  # RFC 7638 JWK thumbprint, SHA-256
     OB_UK = "ob-uk"  # UK OB directory: RFC 7638 thumbprint with SHA-1

@@ -12,7 +12,7 @@ import fnmatch
 import re
 import tomllib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from keyd.errors import ConfigError, Forbidden
@@ -21,7 +21,7 @@ from keyd.model import Purpose
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
-class Operation(str, Enum):
+class Operation(StrEnum):
     SIGN = "sign"  # JWS and JWT
     CLIENT_ASSERTION = "client_assertion"
     DECRYPT = "decrypt"
@@ -39,7 +39,9 @@ class Policy:
 
     def require(self, operation: Operation, purpose: Purpose | None = None) -> None:
         if operation not in self.operations:
-            raise Forbidden(f"policy {self.name!r} does not allow the {operation.value!r} operation")
+            raise Forbidden(
+                f"policy {self.name!r} does not allow the {operation.value!r} operation"
+            )
         if purpose is not None and purpose not in self.purposes:
             raise Forbidden(f"policy {self.name!r} does not allow the {purpose.value!r} key")
 
@@ -68,10 +70,14 @@ def parse_policy(name: str, data: dict[str, object], client_id: str, where: str)
     purposes = _strings(data, "purposes", where)
     try:
         operations = frozenset(Operation) if "*" in ops else frozenset(Operation(o) for o in ops)
-        purpose_set = frozenset(Purpose) if "*" in purposes else frozenset(Purpose(p) for p in purposes)
+        purpose_set = (
+            frozenset(Purpose) if "*" in purposes else frozenset(Purpose(p) for p in purposes)
+        )
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    client_ids = frozenset(client_id if c == "$client_id" else c for c in _strings(data, "client_ids", where))
+    client_ids = frozenset(
+        client_id if c == "$client_id" else c for c in _strings(data, "client_ids", where)
+    )
     return Policy(
         name=name,
         operations=operations,

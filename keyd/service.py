@@ -137,12 +137,14 @@ class KeyService:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock | None = None) -> KeyService:
+    def open(
+        cls, settings: Settings, clock: Clock | None = None, *, require_backend: bool = True
+    ) -> KeyService:
         """Store migrated to head, backend checked, policies loaded."""
         store = Store(settings.store.url)
         try:
             store.migrate()
-            backend = open_backend(settings)
+            backend = open_backend(settings, require_up=require_backend)
         except BaseException:
             store.close()
             raise

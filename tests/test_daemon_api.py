@@ -18,7 +18,6 @@ from joserfc import jwe, jws, jwt
 from joserfc.jwk import KeySet, RSAKey
 from joserfc.registry import HeaderParameter
 
-
 from tests.daemon import Daemon, StaticServer, running
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}

@@ -263,4 +263,4 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

@@ -41,7 +41,7 @@ def create_public_app(service: KeyService) -> Starlette:
             Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "DELETE",
                                                      "PATCH", "OPTIONS"]),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
     )
 
 

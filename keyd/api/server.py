@@ -38,7 +38,7 @@ class ListenerRouter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = scope.get("server")
-        on_public = bool(server) and server[1] == self.public_port
+        on_public = server is not None and server[1] == self.public_port
         await (self.public if on_public else self.local)(scope, receive, send)
 
 

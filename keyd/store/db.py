@@ -98,7 +98,7 @@ class Store:
         except CommandError as e:
             raise ConfigError(f"store migration failed: {e}") from e
         except SQLAlchemyError as e:
-            raise _convert(e, "schema migration") from e
+            raise store_error(e, "schema migration") from e
 
     # ---------------------------------------------------------------- sessions
 
@@ -131,7 +131,7 @@ class Store:
                 finally:
                     stack.pop()
         except SQLAlchemyError as e:
-            raise _convert(e, operation) from e
+            raise store_error(e, operation) from e
 
     @contextlib.contextmanager
     def transaction(
@@ -145,7 +145,18 @@ class Store:
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as e:
-            raise _convert(e, operation) from e
+            raise store_error(e, operation) from e
+
+    def connect(self, *, write: bool = False) -> Connection:
+        """A bare connection for a long-lived writer (the audit log).
+
+        The caller owns it: begin/commit per unit of work, close() when done,
+        and convert SQLAlchemy errors with ``store_error``.
+        """
+        conn = self._engine.connect()
+        if write:
+            conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+        return conn
 
     def active_session(self) -> Session | None:
         """The innermost session this thread has open on this store, if any."""
@@ -224,8 +235,13 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
-def _convert(e: SQLAlchemyError, operation: str) -> Exception:
-    """A keyd error for a SQLAlchemy one.  No SQL text or parameters in it."""
+def store_error(e: SQLAlchemyError, operation: str) -> Exception:
+    """The keyd error for a SQLAlchemy one, to raise ``from e``.
+
+    IntegrityError -> Conflict; everything else -> StoreUnavailable.  The
+    message names the operation and the database's reason, never the SQL
+    statement or its parameters.
+    """
     if isinstance(e, IntegrityError):
         return Conflict(f"{operation} refused by the database: {_reason(e)}")
     if isinstance(e, StatementError) and not isinstance(e, DBAPIError):
