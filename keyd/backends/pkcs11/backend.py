@@ -109,6 +109,9 @@ class Pkcs11Backend:
     def __init__(self, cfg: Pkcs11BackendSettings) -> None:
         if cfg.sessions < 1:
             raise ConfigError(f"[backend.pkcs11] sessions: {cfg.sessions} must be at least 1")
+        # In the order an operator fixes things: the library, the token, the PIN.
+        lib = load_module(cfg.module)
+        self._token = find_token(lib, cfg.module, cfg.token_label, cfg.token_serial)
         if cfg.pin_file is not None and not cfg.pin_file.is_file():
             raise ConfigError(f"[backend.pkcs11] pin_file: {cfg.pin_file} not found")
         pin = read_secret(cfg.pin_file, "KEYD_PKCS11_PIN", "pkcs11-pin")
@@ -118,8 +121,6 @@ class Pkcs11Backend:
                 "or the systemd credential pkcs11-pin"
             )
         self._cfg = cfg
-        lib = load_module(cfg.module)
-        self._token = find_token(lib, cfg.module, cfg.token_label, cfg.token_serial)
         self.label = self._token.label
         self._probe_key = (str(cfg.module.resolve()), self._token.slot.slot_id)
         self._pool = SessionPool(self._token, self._probe_key, pin, cfg.sessions)
