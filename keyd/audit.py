@@ -245,7 +245,7 @@ class AuditLog:
                 conn.invalidate()  # not back into the pool: it may be dead
             conn.close()
         except SQLAlchemyError:
-                log.warning("audit writer: closing its database connection failed")
+            log.warning("audit writer: closing its database connection failed")
 
     # ------------------------------------------------------------------ reading
 

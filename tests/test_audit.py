@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -18,7 +19,7 @@ from keyd.audit import GENESIS, AuditEvent, AuditLog, payload_hash
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.store.db import Store
-from tests.fixtures.postgres import read_only_url
+from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parent.parent
@@ -265,6 +266,32 @@ def test_an_unwritable_store_makes_every_waiting_record_fail_closed(
     assert len(failures) == 20
     assert all("audit append" in str(e) for e in failures)
     assert _seqs(store) == []
+
+
+@pytest.mark.postgres
+def test_after_its_connection_is_killed_the_writer_fails_once_then_recovers(
+    postgres_url: str, clock: SettableClock
+) -> None:
+    store = Store(postgres_url)
+    store.migrate()
+    audit = AuditLog(store, clock)
+    try:
+        audit.record(_event(1))
+        database = postgres_url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+        with pytest.raises(StoreUnavailable, match="audit append"):
+            audit.record(_event(2))  # fail closed: this one is not written
+        audit.record(_event(3))  # and the next goes through, no restart
+        assert [r.detail["n"] for r in audit.list()] == [1, 3]
+        assert audit.verify() is None
+    finally:
+        audit.close()
+        store.close()
 
 
 def test_record_inside_a_session_commits_or_rolls_back_with_it(

@@ -133,20 +133,6 @@ class Store:
         except SQLAlchemyError as e:
             raise store_error(e, operation) from e
 
-    @contextlib.contextmanager
-    def transaction(
-        self, operation: str = "database transaction", *, write: bool = False
-    ) -> Iterator[Connection]:
-        """Like session(), as a bare Core connection: for hot paths (the audit writer)."""
-        try:
-            with self._engine.connect() as conn:
-                if write:
-                    conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as e:
-            raise store_error(e, operation) from e
-
     def connect(self, *, write: bool = False) -> Connection:
         """A bare connection for a long-lived writer (the audit log).
 

@@ -187,3 +187,46 @@ def _insert_if_absent(session: Session, table: Any, values: dict[str, Any]) -> b
     pk = [c for c in table.__table__.primary_key.columns]
     stmt = insert(table).values(**values).on_conflict_do_nothing().returning(*pk)
     return conn.execute(stmt).first() is not None
+
+
+# ------------------------------------------------------------------ lifecycle
+
+# pg_advisory_xact_lock key for lifecycle transitions: "keydlife".
+_LIFECYCLE_LOCK = 0x6B657964_6C696665
+
+
+def lock_lifecycle(session: Session) -> None:
+    """Serialise lifecycle transitions across processes until the transaction ends.
+
+    PostgreSQL: an advisory lock.  SQLite: the caller opened the session with
+    ``write=True`` (BEGIN IMMEDIATE), which already holds the database's one
+    write lock, so nothing more is needed.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LIFECYCLE_LOCK})")
+
+
+def keys_of_purpose(session: Session, purpose: str) -> list[KeyVersion]:
+    """Every key version of one purpose, oldest first."""
+    query = (
+        select(KeyVersion)
+        .where(KeyVersion.purpose == purpose)
+        .order_by(col(KeyVersion.created_at), col(KeyVersion.id))
+    )
+    return list(session.exec(query).all())
+
+
+def alert_sent_at(session: Session, subject: str, threshold: str) -> datetime | None:
+    row = session.get(AlertSent, (subject, threshold))
+    return None if row is None else row.sent_at
+
+
+def set_alert_sent(session: Session, subject: str, threshold: str, sent_at: datetime) -> None:
+    """Record (or move forward) when an alert was last sent: daily repeats."""
+    row = session.get(AlertSent, (subject, threshold))
+    if row is None:
+        session.add(AlertSent(subject=subject, threshold=threshold, sent_at=sent_at))
+    else:
+        row.sent_at = sent_at
+        session.add(row)
