@@ -167,17 +167,19 @@ class TokenService:
         settings = self.settings.issuers.get(issuer)
         if keys is None or settings is None:
             raise NotFound(f"no issuer {issuer!r} in config; have {sorted(self.settings.issuers)}")
-        store = self.keys.store
+        store, now = self.keys.store, self.clock.now()
 
         def seen_before(jti: str, expires: datetime) -> bool:
-            with store.session() as session:
-                return not queries.record_jti(session, issuer, jti, expires)
+            # write=True: read-then-insert under SQLite's write lock; `now`
+            # lets record_jti purge expired entries as it goes.
+            with store.session("replay check", write=True) as session:
+                return not queries.record_jti(session, issuer, jti, expires, now=now)
 
         result = jose.verify_jws(
             compact,
             keys.key,
             algorithms=settings.algorithms,
-            now=self.clock.now(),
+            now=now,
             payload_b64=payload_b64,
             iat_max_age=settings.iat_max_age,
             max_future=timedelta(seconds=10),
