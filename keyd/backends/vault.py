@@ -47,6 +47,19 @@ from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
 T = TypeVar("T")
 
+
+class UnsupportedOaepHash(BackendError):
+    """An RSA-OAEP (SHA-1) JWE sent to a vault deployment.
+
+    The sender chose a key-management algorithm transit cannot undo; keyd is
+    not failing, so this is a 4xx refusal of the token (like any other
+    off-profile JWE), not a 500.  It depends on the header alone, never on the
+    ciphertext, so it is no decryption oracle.
+    """
+
+    code = "invalid_token"
+    status = 422
+
 # Transit's own name rule (framework.GenericNameRegex).  Checking it here means
 # a hostile ref ("../../sys/seal") is never spliced into a request path.
 _SAFE_NAME = re.compile(r"^\w([\w.-]*\w)?$", re.ASCII)
@@ -340,9 +353,10 @@ class VaultBackend:
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         if oaep_hash not in self.capabilities.oaep_hashes:
-            raise BackendError(
+            raise UnsupportedOaepHash(
                 f"vault: transit decrypts RSA-OAEP with SHA-256 only; {oaep_hash.jwe_alg} "
-                "(OAEP with SHA-1) cannot be decrypted by a vault backend"
+                "(OAEP with SHA-1) cannot be decrypted by a vault backend: "
+                "encrypt to this key with RSA-OAEP-256"
             )
         version, _ = self._latest(ref)
         wrapped = f"vault:v{version}:{base64.b64encode(ciphertext).decode()}"
