@@ -21,13 +21,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
 
 from keyd.clock import SettableClock
 from keyd.config import IssuerSettings
 from keyd.errors import InvalidSignature, IssuerUnavailable
 from keyd.issuers import IssuerKeys
 from keyd.jose import b64u_encode, public_jwk, verify_jws
+from tests.certs import self_signed
 
 START = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 MAX_AGE = timedelta(minutes=15)
@@ -39,18 +39,9 @@ WEAK = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
+
 def _cert(key: rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "PayNet test")])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(START - timedelta(days=1))
-        .not_valid_after(START + timedelta(days=397))
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed(key, START, 'PayNet test')
 
 
 CERT_A = _cert(KEY_A)

@@ -17,7 +17,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
 from joserfc import jwe, jws, jwt
 from joserfc.jwk import RSAKey
 from joserfc.jws import JWSRegistry
@@ -41,24 +40,16 @@ from keyd.jose import (
     verify_jwt_claims,
 )
 from keyd.model import KidScheme, OaepHash
+from tests.certs import self_signed
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 SIG_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ENC_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+
 def _self_signed(key: rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyd test")])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=397))
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed(key, NOW, 'keyd test')
 
 
 SIG_CERT = _self_signed(SIG_KEY)

@@ -64,11 +64,14 @@ def bool_field(body: Body, name: str) -> bool:
     return value
 
 
-def json_or_none(data: bytes) -> tuple[bool, Any]:
+def with_plaintext(answer: dict[str, Any], name: str, data: bytes) -> dict[str, Any]:
+    """``answer`` plus ``data`` as base64url under ``name``, and as ``payload`` if JSON."""
+    answer[name] = b64u(data)
     try:
-        return True, json.loads(data)
+        answer["payload"] = json.loads(data)
     except (ValueError, RecursionError):
-        return False, None
+        pass  # not JSON: the base64url form is the whole answer
+    return answer
 
 
 async def read_json(request: Request, limit: int) -> Body:
@@ -185,13 +188,8 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         compact = str_field(body, "jwe", limit=limit)
         assert compact is not None
         result = tokens.decrypt_jwe(caller, compact)
-        answer: dict[str, Any] = {
-            "plaintext_b64": b64u(result.plaintext), "kid": result.kid, "header": result.header,
-        }
-        is_json, payload = json_or_none(result.plaintext)
-        if is_json:
-            answer["payload"] = payload
-        return answer
+        answer = {"kid": result.kid, "header": result.header}
+        return with_plaintext(answer, "plaintext_b64", result.plaintext)
 
     def verify_jws(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
         compact = str_field(body, "jws", limit=limit)
@@ -199,26 +197,16 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         payload_b64 = str_field(body, "payload_b64", required=False, limit=limit)
         assert compact is not None and issuer is not None
         result = tokens.verify_jws(caller, compact, issuer, payload_b64)
-        answer: dict[str, Any] = {"valid": True, "header": result.header, "kid": result.kid,
-                                  "payload_b64": b64u(result.payload)}
-        is_json, payload = json_or_none(result.payload)
-        if is_json:
-            answer["payload"] = payload
-        return answer
+        answer = {"valid": True, "header": result.header, "kid": result.kid}
+        return with_plaintext(answer, "payload_b64", result.payload)
 
     def unwrap(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
         compact = str_field(body, "jws", limit=limit)
         issuer = str_field(body, "issuer", limit=128)
         assert compact is not None and issuer is not None
         verified, decrypted = tokens.unwrap(caller, compact, issuer)
-        answer: dict[str, Any] = {
-            "kid": decrypted.kid, "signer_kid": verified.kid,
-            "plaintext_b64": b64u(decrypted.plaintext),
-        }
-        is_json, payload = json_or_none(decrypted.plaintext)
-        if is_json:
-            answer["payload"] = payload
-        return answer
+        answer = {"kid": decrypted.kid, "signer_kid": verified.kid}
+        return with_plaintext(answer, "plaintext_b64", decrypted.plaintext)
 
     def universal_link(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
         url = str_field(body, "url", limit=8192)
