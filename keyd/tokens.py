@@ -148,6 +148,14 @@ class TokenService:
         if not key.state.may_decrypt:
             raise InvalidToken(f"key {key.kid} is {key.state.value}; it no longer decrypts")
         backend = self.keys.backend
+        # Vault transit decrypts RSA-OAEP with SHA-256 only: say so before any
+        # RSA work (the header's alg is public, so this reveals nothing).
+        offered = {h.jwe_alg: h for h in OaepHash}.get(str(header.get("alg")))
+        if offered is not None and offered not in backend.capabilities.oaep_hashes:
+            raise InvalidToken(
+                f"{offered.jwe_alg} is not supported by the {backend.capabilities.name} "
+                "backend; encrypt with RSA-OAEP-256"
+            )
 
         def unwrap_cek(encrypted_key: bytes, oaep_hash: OaepHash) -> bytes:
             return backend.decrypt(key.ref, encrypted_key, oaep_hash)
