@@ -96,6 +96,8 @@ class ApiSettings:
     listen: Listen | None
     socket: Path | None
     max_body: int  # bytes
+    rate_limit: float  # requests a second per client (0: no limit)
+    rate_burst: int  # requests a client may make at once before the rate applies
 
 
 @dataclass(frozen=True)
@@ -413,6 +415,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         listen=_listen(api_listen, a.name("listen"), loopback_only=True) if api_listen else None,
         socket=_path(base, api_socket) if api_socket else None,
         max_body=a.integer("max_body", 256 * 1024),
+        rate_limit=float(a.integer("rate_limit", 1000)),
+        rate_burst=a.integer("rate_burst", 2000),
     )
     a.done()
     if api.listen is None and api.socket is None:

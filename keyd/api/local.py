@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS, error_response
+from keyd.api.limits import RateLimiter
 from keyd.errors import BadRequest, KeydError, PayloadTooLarge
 from keyd.metrics import Metrics
 from keyd.service import Caller, KeyService
@@ -112,6 +113,7 @@ Operation = Callable[[Caller, Body, Params], dict[str, Any]]
 def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
     tokens = TokenService(service)
     limit = service.settings.api.max_body
+    limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst)
 
     def endpoint(name: str, operation: Operation, *, has_body: bool = True
                  ) -> Callable[[Request], Awaitable[Response]]:
@@ -127,6 +129,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
 
                 def call() -> dict[str, Any]:
                     caller = service.authenticate(token)
+                    limiter.take(caller.name)
                     try:
                         return operation(caller, body, params)
                     except KeydError as e:
