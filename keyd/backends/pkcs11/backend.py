@@ -78,7 +78,12 @@ _OAEP_PARAMS = {
 _CAPABILITIES = {
     Purpose.SIGNING: MechanismFlag.SIGN | MechanismFlag.VERIFY,
     Purpose.TRANSPORT: MechanismFlag.SIGN | MechanismFlag.VERIFY,
-    Purpose.ENCRYPTION: MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT,
+    # The encryption key signs too, but only its own certificate or CSR: a
+    # self-signed certificate and a CSR's proof of possession both need the
+    # subject key's signature.  The API never signs a JWS with it (keyd picks
+    # the signing key by purpose), so it decrypts JWEs and nothing else.
+    Purpose.ENCRYPTION: MechanismFlag.DECRYPT | MechanismFlag.ENCRYPT | MechanismFlag.SIGN
+    | MechanismFlag.VERIFY,
 }
 
 # The trial decryption's answer per (module, slot): a token's mechanisms do not
@@ -345,6 +350,9 @@ class Pkcs11Backend:
 
         def sign(pooled: Pooled) -> bytes:
             key = self._key(pooled, key_id, ObjectClass.PRIVATE_KEY)
+            if not hasattr(key, "sign"):
+                # python-pkcs11 gives a key without CKA_SIGN no sign() at all.
+                raise BackendError(f"pkcs11: key {ref} on token {self.label!r} has CKA_SIGN false")
             signature: bytes = key.sign(data, mechanism=mechanism, mechanism_param=param)
             return signature
 
@@ -361,6 +369,10 @@ class Pkcs11Backend:
 
         def decrypt(pooled: Pooled) -> bytes:
             key = self._key(pooled, key_id, ObjectClass.PRIVATE_KEY)
+            if not hasattr(key, "decrypt"):
+                raise BackendError(
+                    f"pkcs11: key {ref} on token {self.label!r} has CKA_DECRYPT false"
+                )
             try:
                 if mode == "token":
                     out: bytes = key.decrypt(
