@@ -1,0 +1,146 @@
+"""Benchmark: POST /v1/sign/jws with the signing key on a SoftHSM2 token, beside
+a direct PKCS#11 sign loop on the same token and key, measured in the same run.
+
+    .venv/bin/python bench/sign_pkcs11.py [--seconds 10] [--connections 32] [--sessions 4]
+
+1. A fresh token in a temporary folder; `keyd init` makes the keys on it.
+2. `keyd serve` on that token, driven by wrk (as bench/sign_jws.py does).
+3. The daemon stopped (SoftHSM2's file store wants one process per token
+   directory), this process signs in a loop on the same key with
+   CKM_SHA256_RSA_PKCS_PSS (salt 32, as PS256), one session per thread, for
+   1 and then 2 threads, each for the same fixed duration.
+
+Prints JSON: keyd-on-HSM signs/s with p50/p99, the direct loop's signs/s per
+thread count, and keyd / the best direct rate.  The direct loop is the
+ceiling: keyd adds HTTP, JSON, JOSE and the audit log around each C_Sign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.sign_jws import wrk  # noqa: E402 - after the path fix
+from tests.daemon import keyd, start, write_config  # noqa: E402
+from tests.fixtures.softhsm import SoftHsm, initialise_token  # noqa: E402
+
+DATA = b'eyJhbGciOiJQUzI1NiIsImtpZCI6ImJlbmNoIn0.eyJpc3MiOiJiZW5jaCIsIm4iOjF9'
+
+
+def config_for(folder: Path, hsm: SoftHsm, sessions: int) -> Path:
+    pin_file = folder / "pkcs11.pin"
+    pin_file.touch(mode=0o600)
+    pin_file.write_text(hsm.pin + "\n", encoding="utf-8")
+    return write_config(folder, {
+        "backend": {"kind": "pkcs11"},
+        "backend.pkcs11": {"module": str(hsm.module), "token_label": hsm.label,
+                           "pin_file": pin_file.name, "sessions": sessions,
+                           "oaep_sha256": "raw"},
+        "lifecycle.transport": {"enabled": False},
+    })
+
+
+def signing_key_id(folder: Path) -> bytes:
+    with sqlite3.connect(folder / "var" / "keyd.db") as db:
+        (ref,) = db.execute(
+            "SELECT backend_ref FROM key_versions WHERE purpose = 'signing' AND state = 'active'"
+        ).fetchone()
+    return bytes.fromhex(str(ref).removeprefix("pkcs11:"))
+
+
+def direct_signs_per_second(hsm: SoftHsm, key_id: bytes, threads: list[int],
+                            seconds: float) -> dict[str, float]:
+    """C_Sign in a loop on ``key_id``, one session per thread, for each thread count."""
+    # Set before the module's C_Initialize in this process: SoftHSM2 reads it then.
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    from pkcs11 import MGF, Mechanism, ObjectClass
+
+    from keyd.backends.pkcs11 import load_module
+
+    token = load_module(hsm.module).get_token(token_label=hsm.label)
+    # One logged-in session for the whole run: the login is per process, and
+    # closing the session that logged in would log every session out.
+    login = token.open(user_pin=hsm.pin)
+    param = (Mechanism.SHA256, MGF.SHA256, 32)
+    rates: dict[str, float] = {}
+
+    def loop(key: Any, barrier: threading.Barrier, deadline: list[float],
+             counts: list[int], i: int) -> None:
+        barrier.wait()
+        while time.perf_counter() < deadline[0]:
+            key.sign(DATA, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)
+            counts[i] += 1
+
+    try:
+        for n in threads:
+            sessions = [token.open() for _ in range(n)]
+            keys = [s.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id) for s in sessions]
+            counts = [0] * n
+            barrier = threading.Barrier(n + 1)
+            deadline = [0.0]
+            workers = [threading.Thread(target=loop, args=(keys[i], barrier, deadline, counts, i))
+                       for i in range(n)]
+            for w in workers:
+                w.start()
+            began = time.perf_counter()
+            deadline[0] = began + seconds
+            barrier.wait()
+            for w in workers:
+                w.join()
+            elapsed = time.perf_counter() - began
+            rates[str(n)] = round(sum(counts) / elapsed, 1)
+            for s in sessions:
+                s.close()
+    finally:
+        login.close()
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--sessions", type=int, default=4, help="[backend.pkcs11] sessions")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="keyd-bench-pkcs11-") as tmp:
+        folder = Path(tmp)
+        hsm = initialise_token(folder / "softhsm", "keyd-bench")
+        env = {"SOFTHSM2_CONF": str(hsm.conf)}
+        config = config_for(folder, hsm, args.sessions)
+        keyd(config, "init", env=env)
+        token = keyd(config, "client", "add", "bench", "--policy", "service",
+                     env=env).stdout.strip()
+        daemon = start(config, env)
+        try:
+            url = daemon.api_url + "/v1/sign/jws"
+            wrk(url, token, 2, args.connections)  # warm-up
+            keyd_result = wrk(url, token, args.seconds, args.connections)
+        finally:
+            daemon.stop()
+        # The daemon has exited: this process is now the token's only user.
+        direct = direct_signs_per_second(hsm, signing_key_id(folder), [1, 2],
+                                         min(args.seconds, 5))
+    best = max(direct.values())
+    result = {
+        "benchmark": "POST /v1/sign/jws (pkcs11 backend on SoftHSM2, RSA-2048 PS256)",
+        "keyd_on_hsm": {**keyd_result, "connections": args.connections,
+                        "sessions": args.sessions},
+        "direct_pkcs11_signs_per_second_by_threads": direct,
+        "ratio_keyd_to_best_direct": round(keyd_result["signs_per_second"] / best, 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
