@@ -285,7 +285,9 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _read_lifecycle(t: _Table, purpose: Purpose, mode: Mode, throwaway: bool) -> LifecycleSettings:
+def _read_lifecycle(
+    t: _Table, purpose: Purpose, mode: Mode, throwaway: bool, backend: str
+) -> LifecycleSettings:
     defaults = _PRODUCTION_DEFAULTS if mode is Mode.PRODUCTION else _SANDBOX_DEFAULTS
     size = t.integer("key_size", 2048)
     if size not in ALLOWED_KEY_SIZES:
@@ -299,11 +301,17 @@ def _read_lifecycle(t: _Table, purpose: Purpose, mode: Mode, throwaway: bool) ->
         prepublish=t.duration("prepublish", defaults["prepublish"]),
         overlap=t.duration("overlap", defaults["overlap"]),
         renew_before=t.duration("renew_before", defaults["renew_before"]),
-        exportable=t.flag("exportable", purpose is Purpose.TRANSPORT),
+        # An HSM never lets a key out, so there the transport key stays on the
+        # token (a TLS terminator then uses the token through PKCS#11).
+        exportable=t.flag("exportable", purpose is Purpose.TRANSPORT and backend != "pkcs11"),
     )
     t.done()
     if settings.exportable and purpose is not Purpose.TRANSPORT:
         raise ConfigError(f"{t.name('exportable')}: only the transport key may be exportable")
+    if settings.exportable and backend == "pkcs11":
+        raise ConfigError(
+            f"{t.name('exportable')}: keys on an HSM are never exportable; set it to false"
+        )
     if settings.validity < MIN_PRODUCTION_VALIDITY and not throwaway:
         raise ConfigError(
             f"{t.name('validity')}: {settings.validity.days} days is under the platform's "
@@ -469,7 +477,9 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
 
     lt = root.table("lifecycle")
     lifecycle = {
-        purpose: _read_lifecycle(lt.table(purpose.value), purpose, mode, keyd.throwaway)
+        purpose: _read_lifecycle(
+            lt.table(purpose.value), purpose, mode, keyd.throwaway, backend.kind
+        )
         for purpose in Purpose
     }
     lt.done()

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS, error_response
 from keyd.api.limits import RateLimiter
+from keyd.api.openapi import document
 from keyd.errors import BadRequest, KeydError, PayloadTooLarge
 from keyd.metrics import Metrics
 from keyd.service import Caller, KeyService
@@ -234,6 +235,11 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         ])
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    openapi = JSONResponse(document())
+
+    async def openapi_json(request: Request) -> Response:
+        return openapi
+
     async def not_found(request: Request) -> Response:
         return error_response(404, "not_found", f"no such call: {request.method} "
                                                 f"{request.url.path[:100]}")
@@ -252,6 +258,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
