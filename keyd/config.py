@@ -98,6 +98,9 @@ class ApiSettings:
     max_body: int  # bytes
     rate_limit: float  # requests a second per client (0: no limit)
     rate_burst: int  # requests a client may make at once before the rate applies
+    header_timeout: timedelta  # a request's headers must arrive within this
+    body_timeout: timedelta  # and its body within this
+    max_header_bytes: int
 
 
 @dataclass(frozen=True)
@@ -425,6 +428,9 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         max_body=a.integer("max_body", 256 * 1024),
         rate_limit=float(a.integer("rate_limit", 1000)),
         rate_burst=a.integer("rate_burst", 2000),
+        header_timeout=a.duration("header_timeout", "10s"),
+        body_timeout=a.duration("body_timeout", "10s"),
+        max_header_bytes=a.integer("max_header_bytes", 16 * 1024),
     )
     a.done()
     if api.listen is None and api.socket is None:

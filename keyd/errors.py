@@ -44,6 +44,13 @@ class Conflict(KeydError):
     status = 409
 
 
+class RequestTimeout(KeydError):
+    """The client took too long to send its request (a slow-connection guard)."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class PayloadTooLarge(KeydError):
     code = "payload_too_large"
     status = 413

@@ -8,6 +8,7 @@ never waits on the backend and both cores do RSA work.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -25,7 +26,7 @@ from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS, error_response
 from keyd.api.limits import RateLimiter
 from keyd.api.openapi import document
-from keyd.errors import BadRequest, KeydError, PayloadTooLarge
+from keyd.errors import BadRequest, KeydError, PayloadTooLarge, RequestTimeout
 from keyd.metrics import Metrics
 from keyd.service import Caller, KeyService
 from keyd.tokens import CLIENT_ASSERTION_TYPE, TokenService
@@ -76,21 +77,26 @@ def with_plaintext(answer: dict[str, Any], name: str, data: bytes) -> dict[str, 
     return answer
 
 
-async def read_json(request: Request, limit: int) -> Body:
+async def read_json(request: Request, limit: int, deadline: float) -> Body:
     """The request body as a JSON object, refused with 413 past ``limit`` bytes.
 
     Content-Length is checked first, then the stream is counted, so a lying
-    Content-Length cannot make us buffer more than the limit.
+    Content-Length cannot make us buffer more than the limit; a body that
+    trickles in slower than ``deadline`` seconds is refused with 408.
     """
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise PayloadTooLarge(f"request body over {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {deadline:g} s") from None
     try:
         body = json.loads(b"".join(chunks))
     except RecursionError:
@@ -114,6 +120,7 @@ Operation = Callable[[Caller, Body, Params], dict[str, Any]]
 def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
     tokens = TokenService(service)
     limit = service.settings.api.max_body
+    body_timeout = service.settings.api.body_timeout.total_seconds()
     limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst)
 
     def endpoint(name: str, operation: Operation, *, has_body: bool = True
@@ -124,7 +131,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
             started = time.perf_counter()
             outcome = "error"
             try:
-                body = await read_json(request, limit) if has_body else {}
+                body = await read_json(request, limit, body_timeout) if has_body else {}
                 params = dict(request.path_params)
                 token = bearer(request)
 

@@ -21,6 +21,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyd.api.local import create_local_app
+from keyd.api.protocol import guarded_protocol
 from keyd.api.public import create_public_app
 from keyd.config import Listen, Settings
 from keyd.errors import ConfigError
@@ -115,8 +116,10 @@ def serve(service: KeyService) -> None:
         access_log=False,
         server_header=False,
         date_header=False,
+        http=guarded_protocol(
+            settings.api.header_timeout.total_seconds(), settings.api.max_header_bytes
+        ),
         timeout_keep_alive=30,
-        h11_max_incomplete_event_size=16 * 1024,
     )
     server = uvicorn.Server(config)
     endpoints_file = settings.keyd.data_dir / "endpoints.json"
