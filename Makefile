@@ -18,8 +18,10 @@ lint: setup
 	$(BIN)/ruff check keyd tests bench
 	$(BIN)/mypy keyd
 
-bench: setup
+bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_jws.py
+	$(BIN)/python bench/sign_vault.py
+	$(BIN)/python bench/sign_pkcs11.py
 
 setup: system-packages $(STAMP)
 
