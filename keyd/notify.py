@@ -124,10 +124,15 @@ class Watchdog:
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def stop(self, timeout: float | None = 5.0) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """End the heartbeat; with ``wait`` > 0, also wait that long for the thread.
+
+        The default does not wait: stop() is called from the event loop, and
+        a probe in flight is waiting for that very loop to run its callback.
+        """
         self._stop.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
+        if wait > 0 and self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(wait)
 
 
 def start_watchdog(notifier: Notifier, healthy: Callable[[], bool]) -> Watchdog:
@@ -148,6 +153,8 @@ def start_watchdog(notifier: Notifier, healthy: Callable[[], bool]) -> Watchdog:
             except Exception:  # noqa: BLE001 - a failing probe means "not healthy", not a dead thread
                 log.exception("watchdog health probe failed")
                 ok = False
+            if stop.is_set():  # stopped while probing: keyd is shutting down
+                return
             if ok:
                 notifier.watchdog()
             else:

@@ -125,7 +125,7 @@ def test_healthy_process_sends_heartbeats_until_stopped(systemd: Systemd) -> Non
     try:
         assert [systemd.receive() for _ in range(4)] == ["WATCHDOG=1"] * 4
     finally:
-        dog.stop()
+        dog.stop(wait=WAIT)
     assert not dog.running
     while not systemd.nothing_within(0.3):  # drain a beat sent just before stop
         pass
@@ -186,3 +186,24 @@ def test_loop_probe_is_true_for_a_running_loop_and_false_for_a_blocked_one() -> 
         runner.join(WAIT)
         loop.close()
     assert probe() is False  # a closed loop is not healthy
+
+
+def test_stop_returns_at_once_while_a_probe_is_in_flight_and_no_beat_follows(
+    systemd: Systemd,
+) -> None:
+    probing, release = threading.Event(), threading.Event()
+
+    def probe() -> bool:
+        probing.set()
+        release.wait(WAIT)  # like loop_responds waiting on the loop that is calling stop()
+        return True
+
+    dog = start_watchdog(Notifier({**systemd.env, "WATCHDOG_USEC": "200000"}), probe)
+    assert probing.wait(WAIT)
+    dog.stop()
+    assert dog.running  # stop() did not wait for the probe
+    release.set()
+    assert dog.thread is not None
+    dog.thread.join(WAIT)
+    assert not dog.running
+    assert systemd.nothing_within(0.3)  # the probe's late "healthy" sent nothing
