@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from keyd import config
@@ -54,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("name")
     ca.add_argument("--policy", required=True)
     ca.add_argument("--json", action="store_true")
+    rot = sub.add_parser("rotate", help="start a rotation of PURPOSE now")
+    rot.add_argument("purpose", choices=[p.value for p in Purpose])
+    rot.add_argument("--now", action="store_true",
+                     help="activate at once, skipping pre-publication: verifiers with a cached "
+                          "JWKS reject the new key's tokens until they refetch (emergencies)")
+    rev = sub.add_parser("revoke", help="revoke a key: out of the JWKS, refused at once")
+    rev.add_argument("kid")
+    rev.add_argument("--reason", required=True)
+    al = sub.add_parser("alerts", help="alert channels").add_subparsers(
+        dest="alerts_command", required=True, parser_class=_Parser)
+    al.add_parser("test", help="send a test alert to every configured channel")
     st = sub.add_parser("status", help="expiries at a glance")
     st.add_argument("--json", action="store_true")
     audit = sub.add_parser("audit", help="the audit log")
@@ -103,6 +115,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from keyd.api.server import serve
+    from keyd.jobs import Jobs
+    from keyd.scheduler import Scheduler
 
     with _service(args, require_backend=False) as service:
         try:
@@ -110,7 +124,54 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except BackendUnavailable as e:
             # Keys already exist (or cannot be made now): serve what the store has.
             logging.getLogger("keyd").warning("init skipped: %s", e.detail)
-        serve(service)
+        # The lifecycle runs once before the listeners open (crash recovery:
+        # nothing is served from a half-finished rotation), then beside them
+        # every [scheduler] interval.
+        jobs = Jobs(service)
+        report = jobs.run(startup=True)
+        for error in report.errors:
+            logging.getLogger("keyd").error("start-up jobs: %s", error)
+        scheduler = Scheduler(jobs)
+        scheduler.start()
+        try:
+            serve(service)
+        finally:
+            scheduler.stop()
+
+
+def cmd_rotate(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        service.admin_caller()  # the CLI acts as admin; no admin policy, no rotation
+        info = service.rotate(Purpose(args.purpose), actor="cli", now=args.now)
+    print(f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}")
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        service.admin_caller()
+        info, replacement = service.revoke(args.kid, reason=args.reason, actor="cli")
+    print(f"revoked {info.purpose.value} key {info.kid or info.id}")
+    if replacement is not None:
+        print(f"{replacement.purpose.value} key {replacement.kid or replacement.id} is "
+              f"{replacement.state.value}")
+    elif info.state.value == "revoked":
+        print(f"keyd: warning: no replacement {info.purpose.value} key activated",
+              file=sys.stderr)
+
+
+def cmd_alerts(args: argparse.Namespace) -> None:
+    from keyd.alerts import Alert
+    from keyd.jobs import make_alerter
+
+    with _service(args) as service:
+        failed = make_alerter(service).send(Alert(
+            subject="test", title="keyd test alert", severity="info",
+            text="A test alert sent by `keyd alerts test`: this channel works."))
+    if failed:
+        raise KeydError(f"test alert failed on: {', '.join(failed)}")
+    print("test alert sent to the log" + "".join(
+        f", {c}" for c, on in (("webhook", service.settings.alerts.webhook),
+                               ("smtp", service.settings.alerts.smtp)) if on is not None))
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -162,13 +223,28 @@ def cmd_status(args: argparse.Namespace) -> None:
                            round((k.not_after - now).total_seconds() / 86400, 2)}
                           for k in keys], indent=2))
         return
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(f"{'DAYS':>7}  {'PURPOSE':<11} {'STATE':<21} KID")
     for k in keys:
-        print(f"{_days_left(k.not_after, now):>7}  {k.purpose.value:<11} {k.state.value:<21} "
-              f"{k.kid or k.id}")
+        line = (f"{_days_left(k.not_after, now):>7}  {k.purpose.value:<11} {k.state.value:<21} "
+                f"{k.kid or k.id}")
+        print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
     missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
     for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
         print(f"keyd: warning: no active {purpose} key", file=sys.stderr)
+
+
+def _coloured(line: str, key: KeyInfo, now: datetime,
+              thresholds: tuple[timedelta, ...]) -> str:
+    """Red under the last alert threshold, yellow under the first, else plain."""
+    if key.not_after is None:
+        return line
+    left = key.not_after - now
+    if thresholds and left <= thresholds[-1]:
+        return f"\033[31m{line}\033[0m"
+    if thresholds and left <= thresholds[0]:
+        return f"\033[33m{line}\033[0m"
+    return line
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -199,6 +275,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "cert": cmd_cert,
     "client": cmd_client,
     "status": cmd_status,
+    "rotate": cmd_rotate,
+    "revoke": cmd_revoke,
+    "alerts": cmd_alerts,
     "audit": cmd_audit,
 }
 
@@ -210,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: say only problems
     try:
         COMMANDS[args.command](args)
     except KeydError as e:

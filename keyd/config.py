@@ -158,8 +158,44 @@ class LifecycleSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    url: str
+    timeout: float  # seconds per attempt
+    retries: int  # attempts after the first
+    backoff: timedelta  # first retry delay; doubles each time
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    sender: str  # `from` in config.toml
+    to: tuple[str, ...]
+    starttls: bool
+    username: str
+    password_file: Path | None  # else $KEYD_SMTP_PASSWORD or the credential `smtp-password`
+    timeout: float
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     thresholds: tuple[timedelta, ...]
+    webhook: WebhookSettings | None = None
+    smtp: SmtpSettings | None = None
+
+
+@dataclass(frozen=True)
+class TransportDeploySettings:
+    """Where the active transport key goes for the TLS terminator (unset: nowhere)."""
+
+    cert_path: Path | None = None
+    key_path: Path | None = None
+    reload_command: tuple[str, ...] = ()  # argv, run without a shell
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    interval: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -185,6 +221,8 @@ class Settings:
     lifecycle: dict[Purpose, LifecycleSettings]
     alerts: AlertSettings
     issuers: dict[str, IssuerSettings] = field(default_factory=dict)
+    deploy: TransportDeploySettings = field(default_factory=TransportDeploySettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def enabled_purposes(self) -> list[Purpose]:
         return [p for p in Purpose if self.lifecycle[p].enabled]
@@ -364,6 +402,43 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     return settings
 
 
+def _read_webhook(t: _Table) -> WebhookSettings:
+    url = t.text("url", "")
+    parts = urlsplit(url)
+    if not (parts.hostname and (parts.scheme == "https" or
+                                (parts.scheme == "http" and _is_loopback(parts.hostname)))):
+        raise ConfigError(f"{t.name('url')}: {url!r} must be https (or http to a loopback host)")
+    settings = WebhookSettings(
+        url=url,
+        timeout=float(t.integer("timeout", 5)),
+        retries=t.integer("retries", 3),
+        backoff=t.duration("backoff", "2s"),
+    )
+    t.done()
+    if not 0 < settings.timeout <= 60 or not 0 <= settings.retries <= 10:
+        raise ConfigError(f"[{t.where}]: timeout must be 1-60 s and retries 0-10")
+    return settings
+
+
+def _read_smtp(t: _Table, base: Path) -> SmtpSettings:
+    settings = SmtpSettings(
+        host=t.text("host", ""),
+        port=t.integer("port", 587),
+        sender=t.text("from", ""),
+        to=tuple(t.str_list("to", [])),
+        starttls=t.flag("starttls", True),
+        username=t.text("username", ""),
+        password_file=_path(base, f) if (f := t.text("password_file", "")) else None,
+        timeout=float(t.integer("timeout", 10)),
+    )
+    t.done()
+    if not settings.host or not settings.sender or not settings.to:
+        raise ConfigError(f"[{t.where}] needs host, from and at least one address in to")
+    if not 0 < settings.port <= 65535:
+        raise ConfigError(f"{t.name('port')}: {settings.port} is not a port")
+    return settings
+
+
 def load(path: Path | str | None = None) -> Settings:
     """Read and validate config.toml: ``path``, else $KEYD_CONFIG, else ./config.toml."""
     chosen = Path(path or os.environ.get("KEYD_CONFIG") or "config.toml")
@@ -493,16 +568,33 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         raise ConfigError("[lifecycle] every purpose is disabled; enable at least one")
 
     al = root.table("alerts")
-    alerts = AlertSettings(
-        thresholds=tuple(
-            sorted(
-                (parse_duration(v, al.name("thresholds")) for v in
-                 al.str_list("thresholds", ["30d", "14d", "7d", "3d", "1d"])),
-                reverse=True,
-            )
+    thresholds = tuple(
+        sorted(
+            (parse_duration(v, al.name("thresholds")) for v in
+             al.str_list("thresholds", ["30d", "14d", "7d", "3d", "1d"])),
+            reverse=True,
         )
     )
+    webhook = _read_webhook(al.table("webhook")) if "webhook" in al.data else None
+    smtp = _read_smtp(al.table("smtp"), base) if "smtp" in al.data else None
+    alerts = AlertSettings(thresholds=thresholds, webhook=webhook, smtp=smtp)
     al.done()
+
+    dp = root.table("deploy")
+    dt = dp.table("transport")
+    deploy = TransportDeploySettings(
+        cert_path=_path(base, f) if (f := dt.text("cert_path", "")) else None,
+        key_path=_path(base, f) if (f := dt.text("key_path", "")) else None,
+        reload_command=tuple(dt.str_list("reload_command", [])),
+    )
+    dt.done()
+    dp.done()
+
+    sc = root.table("scheduler")
+    scheduler = SchedulerSettings(interval=sc.duration("interval", "60s"))
+    sc.done()
+    if scheduler.interval < timedelta(seconds=1):
+        raise ConfigError(f"{sc.name('interval')} must be at least 1s")
 
     it = root.table("issuers")
     issuers = {name: _read_issuer(name, it.table(name)) for name in list(it.data)}
@@ -520,4 +612,6 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         lifecycle=lifecycle,
         alerts=alerts,
         issuers=issuers,
+        deploy=deploy,
+        scheduler=scheduler,
     )

@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from keyd.model import KeyState, Purpose
+
+
+class LifecycleCounts(Collector):
+    """Rotations and alerts, counted where they happen (the scheduled jobs)
+    and exposed by every Metrics registry of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.rotations: Tally[str] = Tally()  # purpose -> activations by rotation
+        self.alerts: Tally[tuple[str, str]] = Tally()  # (purpose or "-", kind) -> sent
+
+    def rotated(self, purpose: Purpose) -> None:
+        with self._lock:
+            self.rotations[purpose.value] += 1
+
+    def alerted(self, purpose: str, kind: str) -> None:
+        with self._lock:
+            self.alerts[(purpose, kind)] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            rotations, alerts = dict(self.rotations), dict(self.alerts)
+        r = CounterMetricFamily("keyd_rotations", "Key rotations completed, by purpose",
+                                labels=["purpose"])
+        for purpose in Purpose:
+            r.add_metric([purpose.value], rotations.get(purpose.value, 0))
+        yield r
+        a = CounterMetricFamily("keyd_alerts", "Alerts sent, by purpose and kind",
+                                labels=["purpose", "kind"])
+        for (subject, kind), n in sorted(alerts.items()):
+            a.add_metric([subject, kind], n)
+        yield a
+
+
+LIFECYCLE = LifecycleCounts()
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(LIFECYCLE)
         self.requests = Counter(
             "keyd_api_requests", "Local API calls by operation and outcome",
             ["operation", "outcome"], registry=self.registry,

@@ -14,14 +14,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlmodel import Session
 
-from keyd import jose, x509
+from keyd import failpoints, jose, lifecycle, x509
 from keyd.audit import AuditEvent, AuditLog
 from keyd.backends import open_backend
 from keyd.backends.base import Backend
@@ -188,6 +188,9 @@ class KeyService:
         generated = self.backend.generate(
             purpose, life.key_size, exportable=life.exportable and purpose is Purpose.TRANSPORT
         )
+        # A crash from here until the commit below leaves a backend key the
+        # store does not know: recover() erases such orphans on start-up.
+        failpoints.hit("after_generate")
         now = self.clock.now()
         subject = x509.Subject(
             organisation=self.settings.keyd.organisation,
@@ -216,7 +219,9 @@ class KeyService:
         else:
             csr = x509.make_csr(self.backend, generated.ref, generated.public_key, subject, purpose)
             key.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        with self.store.session() as session:
+        failpoints.hit("after_certificate")
+        with self.store.session("create key", write=True) as session:
+            queries.lock_lifecycle(session)
             session.add(key)
             session.flush()
             if cert is not None:
@@ -232,6 +237,7 @@ class KeyService:
                 )
             )
             info = _info(key, cert)
+        failpoints.hit("after_create")
         self.invalidate()
         log.info("created %s key %s (%s)", purpose.value, info.kid or info.id, info.state.value)
         return info
@@ -341,7 +347,8 @@ class KeyService:
         elif self.settings.keyd.kid is KidScheme.ASSIGNED:
             raise BadRequest("kid scheme is 'assigned': give the directory's kid with --kid")
         chain = x509.load_chain(data)
-        with self.store.session() as session:
+        with self.store.session("certificate import", write=True) as session:
+            queries.lock_lifecycle(session)
             key = self.find(session, kid_or_id)
             state = KeyState(key.state)
             if state in (KeyState.DESTROYED, KeyState.REVOKED, KeyState.RETIRED):
@@ -366,6 +373,225 @@ class KeyService:
             info = _info(key, chain[0])
         self.invalidate()
         return info, warnings
+
+    # ------------------------------------------------------------------ lifecycle
+    #
+    # Each transition below is one database transaction holding the lifecycle
+    # lock, with its audit events inside it: the change and its record commit
+    # together or not at all.  Each re-reads the key under the lock and checks
+    # the transition against keyd/lifecycle.py, so a step that another process
+    # (or an earlier run, before a crash) already took is refused, not repeated.
+
+    def key_times(self, purpose: Purpose) -> list[lifecycle.KeyTimes]:
+        """The planner's view of one purpose's key versions."""
+        with self.store.session("lifecycle read") as session:
+            out = []
+            for k in queries.keys_of_purpose(session, purpose.value):
+                cert = queries.current_certificate(session, k.id)
+                out.append(lifecycle.KeyTimes(
+                    id=k.id, state=KeyState(k.state), created_at=utc(k.created_at),
+                    publish_at=_maybe_utc(k.publish_at), activated_at=_maybe_utc(k.activated_at),
+                    retired_at=_maybe_utc(k.retired_at),
+                    destroy_after=_maybe_utc(k.destroy_after),
+                    not_after=None if cert is None else utc(cert.not_after),
+                ))
+            return out
+
+    def activate(self, key_id: str, *, actor: str, reason: str) -> KeyInfo:
+        """``key_id`` (pending) becomes active; the active key retires, in one transaction."""
+        failpoints.hit("before_activate")
+        with self.store.session("activate key", write=True) as session:
+            queries.lock_lifecycle(session)
+            key = self.find(session, key_id)
+            self._activate_locked(session, key, actor=actor, reason=reason)
+            info = _info(key, self._current_leaf(session, key.id))
+        failpoints.hit("after_activate")
+        self.invalidate()
+        log.info("activated %s key %s (%s)", info.purpose.value, info.kid, reason)
+        return info
+
+    def _activate_locked(self, session: Session, key: KeyVersion, *, actor: str,
+                         reason: str) -> None:
+        lifecycle.check_transition(key.id, KeyState(key.state), KeyState.ACTIVE)
+        if key.kid is None:
+            raise Conflict(f"key {key.id} has no certificate yet; import one first")
+        now = self.clock.now()
+        life = self.settings.lifecycle[Purpose(key.purpose)]
+        for old in queries.keys_by_state(session, key.purpose, [KeyState.ACTIVE]):
+            self._retire_locked(session, old, now, life.overlap, actor=actor,
+                                reason=f"replaced by {key.kid}")
+        # Older pending keys were never used: retiring them keeps them published
+        # for the overlap (a verifier may have cached them) and then erases them.
+        for older in queries.keys_by_state(session, key.purpose, [KeyState.PENDING]):
+            if older.id != key.id and older.created_at < key.created_at:
+                self._retire_locked(session, older, now, life.overlap, actor=actor,
+                                    reason=f"superseded by {key.kid}")
+        key.state = KeyState.ACTIVE.value
+        key.state_changed_at = now
+        key.activated_at = now
+        if key.publish_at is None:
+            key.publish_at = now
+        session.add(key)
+        session.flush()
+        self.audit.record(AuditEvent(
+            actor=actor, action="key.activate", kid=key.kid, purpose=key.purpose,
+            detail={"id": key.id, "reason": reason,
+                    "published_at": _rfc3339(_maybe_utc(key.publish_at))},
+        ))
+
+    def _retire_locked(self, session: Session, key: KeyVersion, now: datetime,
+                       overlap: timedelta, *, actor: str, reason: str) -> None:
+        lifecycle.check_transition(key.id, KeyState(key.state), KeyState.RETIRED)
+        key.state = KeyState.RETIRED.value
+        key.state_changed_at = now
+        key.retired_at = now
+        key.destroy_after = now + overlap
+        session.add(key)
+        session.flush()
+        self.audit.record(AuditEvent(
+            actor=actor, action="key.retire", kid=key.kid, purpose=key.purpose,
+            detail={"id": key.id, "reason": reason,
+                    "destroy_after": _rfc3339(key.destroy_after)},
+        ))
+
+    def retire(self, key_id: str, *, actor: str, reason: str) -> None:
+        """Retire a key now (repair of a surplus active key)."""
+        with self.store.session("retire key", write=True) as session:
+            queries.lock_lifecycle(session)
+            key = self.find(session, key_id)
+            life = self.settings.lifecycle[Purpose(key.purpose)]
+            self._retire_locked(session, key, self.clock.now(), life.overlap, actor=actor,
+                                reason=reason)
+        self.invalidate()
+
+    def destroy(self, key_id: str, *, actor: str) -> bool:
+        """Destroy a retired key whose overlap is over; False when not (or no longer) due.
+
+        The store says ``destroyed`` first (the key leaves the JWKS), then the
+        backend erases it.  A crash in between leaves a backend key of a
+        destroyed row, which recover() erases: never a published kid whose
+        private key is gone.
+        """
+        failpoints.hit("before_destroy")
+        with self.store.session("destroy key", write=True) as session:
+            queries.lock_lifecycle(session)
+            key = self.find(session, key_id)
+            now = self.clock.now()
+            due = (KeyState(key.state) is KeyState.RETIRED and key.destroy_after is not None
+                   and utc(key.destroy_after) <= now)
+            if not due:
+                return False
+            key.state = KeyState.DESTROYED.value
+            key.state_changed_at = now
+            session.add(key)
+            self.audit.record(AuditEvent(
+                actor=actor, action="key.destroy", kid=key.kid, purpose=key.purpose,
+                detail={"id": key.id, "backend": key.backend},
+            ))
+            ref = key.backend_ref
+        self.invalidate()
+        failpoints.hit("before_backend_destroy")
+        self.backend.destroy(ref)
+        failpoints.hit("after_backend_destroy")
+        log.info("destroyed key %s", key_id)
+        return True
+
+    def rotate(self, purpose: Purpose, *, actor: str, now: bool = False) -> KeyInfo:
+        """Start a rotation: a new key, pending for ``prepublish`` (sandbox) or
+        awaiting its certificate (production).
+
+        ``now=True`` activates it at once, skipping pre-publication: verifiers
+        holding a cached JWKS (PayNet: up to 15 minutes) reject tokens signed
+        by the new key until they refetch.  For emergencies only.
+        """
+        if purpose not in self.settings.enabled_purposes():
+            raise BadRequest(f"purpose {purpose.value} is not enabled")
+        with self.store.session("lifecycle read") as session:
+            waiting = queries.keys_by_state(
+                session, purpose.value, [KeyState.PENDING, KeyState.AWAITING_CERTIFICATE])
+            existing = _info(waiting[-1], None) if waiting else None
+        if existing is not None and not now:
+            raise Conflict(f"a {purpose.value} rotation is under way: key "
+                           f"{existing.kid or existing.id} is {existing.state.value}")
+        if existing is None:
+            existing = self.create_key(purpose, actor=actor, activate=False)
+            self._audit_simple(actor, "key.rotate", existing, {"now": now})
+        if now and existing.state is KeyState.PENDING:
+            return self.activate(existing.id, actor=actor, reason="admin rotation --now")
+        return existing
+
+    def revoke(self, kid_or_id: str, *, reason: str, actor: str) -> tuple[KeyInfo, KeyInfo | None]:
+        """Revoke a key: out of the JWKS at once, refused for every operation.
+
+        Revoking the active key activates a replacement in the same
+        transaction: a pending key if there is one, else (sandbox) a new one.
+        In production with no pending key there is no certificate to activate:
+        the purpose is left with no active key (signing fails closed with 409),
+        a new key and CSR are made, and the reconciler alerts until the CA's
+        certificate is imported, which activates it at once.
+        """
+        reason = reason.strip()
+        if not reason or len(reason) > 256:
+            raise BadRequest("a revocation needs a reason of 1-256 characters")
+        with self.store.session("lifecycle read") as session:
+            key = self.find(session, kid_or_id)
+            state, purpose, key_id = KeyState(key.state), Purpose(key.purpose), key.id
+            if state is KeyState.REVOKED:
+                return _info(key, None), None
+            lifecycle.check_transition(key.id, state, KeyState.REVOKED)
+            replacement = next((k.id for k in reversed(queries.keys_by_state(
+                session, purpose.value, [KeyState.PENDING])) if k.id != key_id), None)
+        needs_new = (state is KeyState.ACTIVE and replacement is None
+                     and purpose in self.settings.enabled_purposes())
+        if needs_new and self.settings.keyd.mode is Mode.SANDBOX:
+            replacement = self.create_key(purpose, actor=actor, activate=False).id
+        failpoints.hit("before_revoke")
+        with self.store.session("revoke key", write=True) as session:
+            queries.lock_lifecycle(session)
+            key = self.find(session, key_id)
+            lifecycle.check_transition(key.id, KeyState(key.state), KeyState.REVOKED)
+            was_active = KeyState(key.state) is KeyState.ACTIVE
+            now = self.clock.now()
+            key.state = KeyState.REVOKED.value
+            key.state_changed_at = now
+            key.revoked_reason = reason
+            session.add(key)
+            session.flush()
+            self.audit.record(AuditEvent(
+                actor=actor, action="key.revoke", kid=key.kid, purpose=key.purpose,
+                detail={"id": key.id, "reason": reason, "was": state.value},
+            ))
+            new_info: KeyInfo | None = None
+            if was_active and replacement is not None:
+                new = self.find(session, replacement)
+                self._activate_locked(session, new, actor=actor, reason=f"{key_id} revoked")
+                new_info = _info(new, self._current_leaf(session, new.id))
+            info, ref = _info(key, None), key.backend_ref
+        failpoints.hit("after_revoke")
+        self.invalidate()
+        log.warning("revoked %s key %s: %s", purpose.value, info.kid or info.id, reason)
+        try:
+            self.backend.destroy(ref)  # a revoked key is never used again
+        except KeydError as e:
+            log.warning("revoked key %s stays in the backend until recovery: %s", key_id,
+                        e.detail)
+        if needs_new and self.settings.keyd.mode is Mode.PRODUCTION:
+            new_info = self.create_key(purpose, actor=actor, activate=False)
+        return info, new_info
+
+    def backend_refs(self) -> tuple[set[str], dict[str, tuple[str, KeyState]]]:
+        """(refs the backend holds, ref -> (key id, state) for every stored key)."""
+        held = set(self.backend.list_refs())
+        with self.store.session("lifecycle read") as session:
+            known = {k.backend_ref: (k.id, KeyState(k.state)) for k in queries.all_keys(session)
+                     if k.backend == self.backend.capabilities.name}
+        return held, known
+
+    def _audit_simple(self, actor: str, action: str, info: KeyInfo,
+                      detail: dict[str, object]) -> None:
+        self.audit.record(AuditEvent(actor=actor, action=action, kid=info.kid,
+                                     purpose=info.purpose.value,
+                                     detail={"id": info.id, **detail}))
 
     # ------------------------------------------------------------------ hot path
 
@@ -416,7 +642,11 @@ class KeyService:
             publish.add(Purpose.TRANSPORT)
         keys: list[dict[str, object]] = []
         with self.store.session() as session:
-            for key in queries.published_keys(session):
+            # The active key first: an encrypter that takes the first `enc` key
+            # of the set then picks the active one, not a retired one on its
+            # way to destruction.
+            rank = {KeyState.ACTIVE.value: 0, KeyState.PENDING.value: 1}
+            for key in sorted(queries.published_keys(session), key=lambda k: rank.get(k.state, 2)):
                 purpose = Purpose(key.purpose)
                 cert = queries.current_certificate(session, key.id)
                 if purpose not in publish or key.kid is None or cert is None:
@@ -511,6 +741,10 @@ class KeyService:
         checks.setdefault("store", "ok")
         checks["ready"] = all(v == "ok" for v in checks.values())
         return checks
+
+
+def _maybe_utc(when: datetime | None) -> datetime | None:
+    return None if when is None else utc(when)
 
 
 def _public_pem(public_key: rsa.RSAPublicKey) -> str:

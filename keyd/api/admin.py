@@ -12,6 +12,7 @@ from typing import Any
 from starlette.routing import Route
 
 from keyd.errors import BadRequest
+from keyd.model import Purpose
 from keyd.policy import Operation
 from keyd.service import Caller, KeyService
 
@@ -41,8 +42,32 @@ def routes(service: KeyService, endpoint: Callable[..., Any], limit: int) -> lis
         )
         return {"key": info.to_json(), "warnings": warnings}
 
+    def rotate(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
+        caller.policy.require(Operation.ADMIN)
+        try:
+            purpose = Purpose(params["purpose"])
+        except ValueError:
+            raise BadRequest(f"no purpose {params['purpose'][:40]!r}") from None
+        now = body.get("now", False)
+        if not isinstance(now, bool):
+            raise BadRequest("now must be true or false")
+        info = service.rotate(purpose, actor=caller.name, now=now)
+        return {"key": info.to_json()}
+
+    def revoke(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
+        caller.policy.require(Operation.ADMIN)
+        reason = body.get("reason")
+        if not isinstance(reason, str):
+            raise BadRequest("reason must be a string")
+        info, replacement = service.revoke(params["kid"], reason=reason, actor=caller.name)
+        return {"key": info.to_json(),
+                "replacement": None if replacement is None else replacement.to_json()}
+
     return [
         Route("/v1/keys", endpoint("admin.keys", list_keys, has_body=False), methods=["GET"]),
+        Route("/v1/keys/{purpose:str}/rotate", endpoint("admin.rotate", rotate),
+              methods=["POST"]),
+        Route("/v1/keys/{kid:str}/revoke", endpoint("admin.revoke", revoke), methods=["POST"]),
         Route("/v1/keys/{kid:str}/csr", endpoint("admin.csr", get_csr, has_body=False),
               methods=["GET"]),
         Route("/v1/keys/{kid:str}/certificate", endpoint("admin.certificate", put_certificate),
