@@ -124,6 +124,7 @@ class VaultBackendSettings:
     role_id: str
     secret_id_file: Path | None
     timeout: float  # seconds per request; an outage answers 503 within 2 s
+    approle_mount: str = "approle"  # where the AppRole auth method is mounted
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ class TransportDeploySettings:
 @dataclass(frozen=True)
 class SchedulerSettings:
     interval: timedelta = timedelta(seconds=60)
+    renew_interval: timedelta = timedelta(minutes=5)  # backend credential renewal
 
 
 @dataclass(frozen=True)
@@ -535,6 +537,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         role_id=bv.text("role_id", ""),
         secret_id_file=_path(base, f) if (f := bv.text("secret_id_file", "")) else None,
         timeout=float(bv.integer("timeout", 2)),
+        approle_mount=bv.text("approle_mount", "approle"),
     )
     bv.done()
     if vault.auth not in ("token", "approle"):
@@ -591,10 +594,15 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     dp.done()
 
     sc = root.table("scheduler")
-    scheduler = SchedulerSettings(interval=sc.duration("interval", "60s"))
+    scheduler = SchedulerSettings(
+        interval=sc.duration("interval", "60s"),
+        renew_interval=sc.duration("renew_interval", "5m"),
+    )
     sc.done()
     if scheduler.interval < timedelta(seconds=1):
         raise ConfigError(f"{sc.name('interval')} must be at least 1s")
+    if scheduler.renew_interval < timedelta(seconds=1):
+        raise ConfigError(f"{sc.name('renew_interval')} must be at least 1s")
 
     it = root.table("issuers")
     issuers = {name: _read_issuer(name, it.table(name)) for name in list(it.data)}

@@ -16,6 +16,8 @@ from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 
+from keyd.backends.base import RenewsCredentials
+from keyd.errors import KeydError
 from keyd.jobs import Jobs
 
 log = logging.getLogger("keyd.scheduler")
@@ -31,6 +33,23 @@ class Scheduler:
         )
         self._scheduler.add_job(self._tick, "interval", seconds=interval.total_seconds(),
                                 id="lifecycle")
+        backend = jobs.service.backend
+        if isinstance(backend, RenewsCredentials):
+            renew_every = jobs.service.settings.scheduler.renew_interval
+            self._scheduler.add_job(self.renew, "interval",
+                                    seconds=renew_every.total_seconds(), id="renew")
+
+    def renew(self) -> None:
+        """Keep the backend's login alive; a failure is logged and retried next time."""
+        backend = self.jobs.service.backend
+        assert isinstance(backend, RenewsCredentials)
+        try:
+            backend.renew()
+        except KeydError as e:
+            log.warning("backend credential renewal failed: %s", e.detail)
+
+    def job_ids(self) -> list[str]:
+        return sorted(job.id for job in self._scheduler.get_jobs())
 
     def _tick(self) -> None:
         self._log(self.jobs.run())

@@ -76,3 +76,12 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RenewsCredentials(Protocol):
+    """A backend whose login expires (Vault tokens): the scheduler renews it."""
+
+    def renew(self) -> None:
+        """Renew the credential, logging in again where renewal fails."""
+        ...

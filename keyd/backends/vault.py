@@ -453,4 +453,5 @@ class VaultBackend:
 
 
 def from_settings(settings: Settings) -> VaultBackend:
-    return VaultBackend(settings.backend.vault)
+    vault = settings.backend.vault
+    return VaultBackend(vault, approle_mount=vault.approle_mount)
