@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBS   := softhsm2 wrk
+DEBS   := softhsm2 wrk systemd
 
 .PHONY: run test lint bench setup system-packages clean
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from keyd import config
 from keyd.errors import BackendUnavailable, KeydError
+from keyd.logs import setup_logging
 from keyd.model import Purpose
 from keyd.service import KeyInfo, KeyService
 
@@ -284,10 +285,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.command == "serve" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    serving = args.command == "serve"
+    # serve: JSON lines off a terminal (journald), text at one; admin commands
+    # are read by a person: text.  $KEYD_LOG_FORMAT=json|text overrides.
+    setup_logging(
+        json_format=None if serving else os.environ.get("KEYD_LOG_FORMAT") == "json",
+        level=logging.INFO if serving else logging.WARNING,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: say only problems
     try:

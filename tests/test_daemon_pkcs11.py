@@ -287,8 +287,9 @@ def test_daemon_log_states_the_oaep_sha256_mode_chosen_at_start_up(
     lines = hsm_daemon.log.read_text().splitlines()
     chosen = [line for line in lines if "RSA-OAEP-256 will use CKM_RSA_X_509" in line]
     assert len(chosen) == 1, lines
-    assert " WARNING " in chosen[0]
-    assert "ArgumentsBad" in chosen[0] and 'oaep_sha256 = "raw"' in chosen[0]
+    record = json.loads(chosen[0])  # a daemon writing to a file logs JSON lines
+    assert record["level"] == "WARNING"
+    assert "ArgumentsBad" in record["msg"] and 'oaep_sha256 = "raw"' in record["msg"]
     assert hsm_daemon.hsm.pin not in "\n".join(lines)
 
 

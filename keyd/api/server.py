@@ -13,8 +13,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -26,6 +31,7 @@ from keyd.api.public import create_public_app
 from keyd.config import Listen, Settings
 from keyd.errors import ConfigError
 from keyd.metrics import Metrics
+from keyd.notify import Notifier, Watchdog, loop_responds, start_watchdog
 from keyd.service import KeyService
 
 log = logging.getLogger("keyd.server")
@@ -101,6 +107,37 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's Server, with keyd's shutdown.
+
+    uvicorn re-raises SIGTERM/SIGINT once it has shut down, to mimic the
+    default action; that kills keyd before its own cleanup runs (scheduler
+    stop, audit flush, socket and endpoints.json removal).  keyd exits
+    normally instead, and tells systemd STOPPING=1 as soon as a signal arrives.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], object]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {s: signal.signal(s, self.handle_exit)
+                     for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in originals.items():
+                signal.signal(s, handler)
+
+
 def serve(service: KeyService) -> None:
     settings = service.settings
     sockets, endpoints = bind_listeners(settings)
@@ -121,7 +158,8 @@ def serve(service: KeyService) -> None:
         ),
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
+    notifier = Notifier()  # $NOTIFY_SOCKET under systemd; a no-op without it
+    server = _Server(config, on_exit=notifier.stopping)
     endpoints_file = settings.keyd.data_dir / "endpoints.json"
 
     async def run() -> None:
@@ -134,7 +172,17 @@ def serve(service: KeyService) -> None:
             tmp.replace(endpoints_file)
             log.info("serving JWKS on http://%s, local API on %s", endpoints["public"],
                      ", ".join(str(v) for k, v in endpoints.items() if k != "public"))
-        await serving
+        watchdog: Watchdog | None = None
+        if server.started:
+            # KeyService.open loaded the keys and every listener accepts: ready.
+            notifier.ready(f"serving JWKS on {endpoints['public']}")
+            # Heartbeat only while this loop answers, so a wedged loop is restarted.
+            watchdog = start_watchdog(notifier, loop_responds(asyncio.get_running_loop()))
+        try:
+            await serving
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
 
     try:
         # uvloop where installed (uvicorn's "auto" choice), else asyncio.
