@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from keyd.audit import AuditEvent, AuditLog
 from keyd.clock import Clock, utc
 from keyd.config import Secret, Settings, SmtpSettings, WebhookSettings, read_secret
 from keyd.errors import KeydError
@@ -67,6 +68,7 @@ class Alerter:
         *,
         sleep: Callable[[float], None] = time.sleep,
         on_sent: Callable[[Alert], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -74,6 +76,7 @@ class Alerter:
         self.signer = signer
         self._sleep = sleep  # injectable: tests check the back-off without waiting
         self._on_sent = on_sent
+        self._audit = audit
 
     # ------------------------------------------------------------------ sending
 
@@ -97,6 +100,17 @@ class Alerter:
                 failed.append("smtp")
         if self._on_sent is not None:
             self._on_sent(alert)
+        if self._audit is not None:
+            try:
+                self._audit.record(AuditEvent(
+                    actor="keyd", action="alert.send", kid=alert.detail.get("kid"),
+                    outcome="error" if failed else "ok",
+                    detail={"title": alert.title, "severity": alert.severity,
+                            "subject": alert.subject, "failed_channels": failed},
+                ))
+            except KeydError as e:
+                # The alert went out; an audit outage must not stop the next one.
+                log.error("alert %r not audited: %s", alert.title, e.detail)
         return failed
 
     def once(self, alert: Alert, threshold: str, *, repeat: timedelta | None = None) -> bool:

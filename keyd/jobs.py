@@ -62,7 +62,7 @@ def make_alerter(service: KeyService) -> Alerter:
                                         purpose=Purpose.SIGNING.value))
         return token
 
-    return Alerter(service.settings, service.store, service.clock, sign)
+    return Alerter(service.settings, service.store, service.clock, sign, audit=service.audit)
 
 
 class Jobs:

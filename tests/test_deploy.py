@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from keyd.clock import SettableClock
+from keyd.jobs import Jobs
 from keyd.model import KeyState, Purpose
 from tests.test_jobs import DAY, T0, Recorder, by_state, jobs_for, open_service
 
@@ -73,5 +74,18 @@ def test_a_failing_reload_command_is_an_alert(tmp_path: Path) -> None:
         assert "config test failed" in recorder.sent[0].text
         # The signing and encryption lifecycle went on regardless.
         assert by_state(service, KeyState.ACTIVE, Purpose.SIGNING)
+    finally:
+        service.close()
+
+
+def test_alerts_are_audited(tmp_path: Path) -> None:
+    reload = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    service = open_service(tmp_path, SettableClock(T0), deploy_tables(tmp_path, reload))
+    try:
+        service.init()
+        Jobs(service).run()  # the default alerter: log, configured channels, audit
+        events = service.audit.list(action="alert.send")
+        assert [e.detail["title"] for e in events] == ["transport key deployment failed"]
+        assert events[0].actor == "keyd" and events[0].kid is not None
     finally:
         service.close()
