@@ -210,6 +210,7 @@ class IssuerSettings:
     iat_max_age: timedelta  # PayNet: a message signature's iat within 5 minutes
     fetch_timeout: float
     max_bytes: int
+    iss: str = ""  # when set, a message signature's `iss` header must equal it
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,7 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
         iat_max_age=t.duration("iat_max_age", "5m"),
         fetch_timeout=float(t.integer("fetch_timeout", 5)),
         max_bytes=t.integer("max_bytes", 512 * 1024),
+        iss=t.text("iss", ""),
     )
     t.done()
     if not 0 < settings.fetch_timeout <= 5:

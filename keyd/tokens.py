@@ -192,6 +192,7 @@ class TokenService:
             iat_max_age=settings.iat_max_age,
             max_future=timedelta(seconds=10),
             replay=seen_before,
+            expected_iss=settings.iss or None,
         )
         self._audit(caller, "verify.jws", None, result.payload, issuer=issuer,
                     signer_kid=result.kid)

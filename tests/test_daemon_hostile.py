@@ -135,7 +135,7 @@ def issuer() -> Iterator[StaticServer]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, issuer: StaticServer) -> Iterator[Daemon]:
     with running(tmp_path_factory.mktemp("hostile"), {
-        "issuers.paynet": {"jwks_uri": issuer.url, "refetch_cooldown": "30s"},
+        "issuers.paynet": {"jwks_uri": issuer.url, "refetch_cooldown": "30s", "iss": "paynet"},
     }) as d:
         yield d
 
@@ -232,3 +232,79 @@ def test_hostile_jwes_are_refused_alike(daemon: Daemon, svc: httpx.Client) -> No
     assert daemon.healthy()
     with daemon.public() as public:
         assert public.get("/jwks").status_code == 200
+
+
+# ---------------------------------------------------------------------- mutations
+# Every mutation of a genuine, fresh PayNet message signature, sent to each
+# endpoint that verifies: none may be accepted, none may be a 5xx.
+
+BAD_VALUES = [None, 0, -1, 1e308, True, [], {}, "", "x" * 300, "\x00"]
+MUTATED_MEMBERS = ["alg", "kid", "crit", "iat", "jti", "iss", "b64"]
+ADDED_MEMBERS = {"jku": "http://169.254.169.254/", "x5u": "http://169.254.169.254/",
+                 "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}, "x5c": ["AAAA"],
+                 "zip": "DEF", "enc": "A256GCM", "p2c": 10**9}
+
+
+def genuine_header() -> dict[str, Any]:
+    return {"alg": "PS256", "kid": KID, "iss": "paynet", "iat": int(time.time()),
+            "jti": os.urandom(8).hex(), "crit": ["iss", "iat", "jti"]}
+
+
+def mutation(name: str) -> str:
+    """The mutated token for ``name``, built fresh (the iat is now)."""
+    kind, _, arg = name.partition(":")
+    header = genuine_header()
+    if kind == "value":
+        member, index = arg.split("=")
+        header[member] = BAD_VALUES[int(index)]
+        return token(header)
+    if kind == "add":
+        header[arg] = ADDED_MEMBERS[arg]
+        return token(header)
+    parts = token(header).split(".")
+    segment, where = arg.split("@")
+    i = int(segment)
+    if kind == "flip":
+        raw = bytearray(base64.urlsafe_b64decode(parts[i] + "=" * (-len(parts[i]) % 4)))
+        position = {"first": 0, "middle": len(raw) // 2, "last": len(raw) - 1}[where]
+        raw[position] ^= 0x01
+        parts[i] = b64u(bytes(raw))
+    elif kind == "cut":
+        parts[i] = parts[i][: -int(where)] if int(where) else ""
+    return ".".join(parts)
+
+
+# Values that are odd but valid for a member (a jti of one NUL character; b64
+# true, the default) are not hostile: those pairs are left out.
+HARMLESS = {("jti", BAD_VALUES.index("\x00")), ("b64", BAD_VALUES.index(True))}
+MUTATIONS = (
+    [f"value:{m}={i}" for m in MUTATED_MEMBERS for i in range(len(BAD_VALUES))
+     if (m, i) not in HARMLESS]
+    + [f"add:{m}" for m in ADDED_MEMBERS]
+    + [f"flip:{s}@{w}" for s in range(3) for w in ("first", "middle", "last")]
+    + [f"cut:{s}@{n}" for s in range(3) for n in (1, 4, 0)]
+)
+ENDPOINTS = ["verify", "unwrap", "universal-link"]
+
+
+def send(svc: httpx.Client, endpoint: str, compact: str) -> httpx.Response:
+    if endpoint == "universal-link":
+        link = ("https://dp.example.my/ofm/my/authorize/ais?consent_id=e30&signature="
+                + compact)
+        return svc.post("/v1/verify/universal-link", json={"url": link})
+    path = "/v1/verify/jws" if endpoint == "verify" else "/v1/unwrap"
+    return svc.post(path, json={"jws": compact, "issuer": "paynet"})
+
+
+def test_the_genuine_message_signature_verifies(svc: httpx.Client) -> None:
+    """The mutations below start from a token the daemon accepts."""
+    answer = send(svc, "verify", token(genuine_header()))
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_mutated_message_signatures_are_refused(
+    daemon: Daemon, svc: httpx.Client, name: str, endpoint: str
+) -> None:
+    assert_refused(send(svc, endpoint, mutation(name)))

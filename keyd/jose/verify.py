@@ -60,6 +60,9 @@ _CURVES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 # A token never names its own key: only the configured JWKS counts, and we make
 # no outbound request on a token's say-so (SSRF to 169.254.169.254 and friends).
 _KEY_FROM_TOKEN = ("jku", "x5u", "jwk", "x5c")
+# JWE-only parameters have no meaning in a JWS; one carrying them is a confused
+# or crafted token (a JWE header grafted onto a signature), so it is refused.
+_JWE_ONLY = ("enc", "zip", "p2c", "p2s", "epk", "apu", "apv", "iv", "tag")
 # RFC 7515 4.1.11: crit must not name header parameters the JWS spec defines.
 _STANDARD_NAMES = frozenset(
     {
@@ -157,9 +160,13 @@ def _check_jti(header: dict[str, Any]) -> str | None:
     return jti
 
 
-def _check_iss(header: dict[str, Any]) -> None:
-    if "iss" in header and (not isinstance(header["iss"], str) or not header["iss"]):
+def _check_iss(header: dict[str, Any], expected: str | None) -> None:
+    if "iss" not in header:
+        return
+    if not isinstance(header["iss"], str) or not header["iss"]:
         raise InvalidToken(f"iss must be a non-empty string, not {show(header['iss'])}")
+    if expected is not None and header["iss"] != expected:  # exact: no substrings, no case games
+        raise InvalidToken(f"iss {show(header['iss'])} is not this issuer's ({expected!r})")
 
 
 def _payload(segment: str, payload_b64: str | None, b64: bool) -> tuple[bytes, bytes]:
@@ -244,8 +251,12 @@ def verify_jws(
     iat_max_age: timedelta | None = None,
     max_future: timedelta = timedelta(seconds=10),
     replay: ReplayCheck | None = None,
+    expected_iss: str | None = None,
 ) -> VerifiedJws:
-    """Verify a compact (or detached, ``h..s``) JWS against the issuer's keys."""
+    """Verify a compact (or detached, ``h..s``) JWS against the issuer's keys.
+
+    ``expected_iss``: when given, a header ``iss`` must equal it exactly.
+    """
     if isinstance(algorithms, str):  # "PS256" is a Sequence too; never match substrings
         algorithms = (algorithms,)
     h_seg, p_seg, s_seg = split_compact(compact, 3, "JWS")
@@ -259,10 +270,13 @@ def verify_jws(
     for name in _KEY_FROM_TOKEN:
         if name in header:
             raise InvalidToken(f"header {name!r} is refused: keys come only from the issuer's JWKS")
+    for name in _JWE_ONLY:
+        if name in header:
+            raise InvalidToken(f"header {name!r} belongs to a JWE, not a JWS")
     kid = header_kid(header, "JWS")
     crit = _check_crit(header)
     b64 = _check_b64(header, crit)
-    _check_iss(header)
+    _check_iss(header, expected_iss)
     iat = _check_iat(header, now, max_future, iat_max_age)
     jti = _check_jti(header)
     if not s_seg:
