@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from concurrent.futures import ThreadPoolExecutor
 import binascii
 import json
 import time
@@ -32,6 +33,7 @@ from keyd.service import Caller, KeyService
 from keyd.tokens import CLIENT_ASSERTION_TYPE, TokenService
 
 Body = dict[str, Any]
+WORKER_THREADS = 32  # RSA releases the GIL: enough threads to keep both cores signing
 Params = dict[str, str]
 
 
@@ -119,6 +121,9 @@ Operation = Callable[[Caller, Body, Params], dict[str, Any]]
 
 def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
     tokens = TokenService(service)
+    # A plain executor, not anyio's to_thread: on the hot path its cancel
+    # scopes and capacity limiter cost the event loop more than the hop itself.
+    workers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="keyd-op")
     limit = service.settings.api.max_body
     body_timeout = service.settings.api.body_timeout.total_seconds()
     limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst)
@@ -145,7 +150,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
                             tokens.refuse(caller, name, e)
                         raise
 
-                result = await run_in_threadpool(call)
+                result = await asyncio.get_running_loop().run_in_executor(workers, call)
                 outcome = "ok"
                 return JSONResponse(result)
             except KeydError as e:
