@@ -78,7 +78,7 @@ class Jobs:
         with self._lock:
             report = Report()
             steps: list[Callable[[], Report]] = [self.reconcile, self.deploy_transport,
-                                                 self.check_expiries]
+                                                 self.refresh_issuers, self.check_expiries]
             if startup:
                 steps.insert(0, self.recover)
             for step in steps:
@@ -255,6 +255,40 @@ class Jobs:
                           severity="critical", detail={"kid": key.kid})
             if self.alerter.once(alert, "failed", repeat=DAY):
                 LIFECYCLE.alerted(Purpose.TRANSPORT.value, "deploy")
+        return report
+
+    # ------------------------------------------------------------------ issuers
+
+    def refresh_issuers(self) -> Report:
+        """Keep each counterparty's JWKS warm, and say so when it cannot be fetched.
+
+        Refreshing here (at half of max_age, like a verify would) means a
+        verify rarely waits on a fetch.  A failed fetch keeps the last good
+        set; once that set is older than max_age verification fails closed,
+        and the alert turns critical.
+        """
+        report = Report()
+        now = self.service.clock.now()
+        for name, issuer in self.service.issuers.items():
+            if issuer.fetched_at is not None and now - issuer.fetched_at < (
+                    issuer.settings.max_age / 2):
+                continue
+            try:
+                issuer.refresh()
+                report.done.append(f"refreshed issuer {name}")
+            except KeydError as e:
+                report.errors.append(f"issuer {name}: {e.detail}")
+                stale = issuer.fetched_at is None or now - issuer.fetched_at >= (
+                    issuer.settings.max_age)
+                alert = Alert(
+                    subject=f"issuer:{name}", title=f"issuer {name} JWKS unreachable",
+                    text=(f"Fetching {issuer.settings.jwks_uri} failed: {issuer.last_error}. "
+                          + ("Its signatures cannot be verified until it is back."
+                             if stale else "The last good set is still in use.")),
+                    severity="critical" if stale else "warning",
+                    detail={"issuer": name, "jwks_uri": issuer.settings.jwks_uri},
+                )
+                self.alerter.once(alert, "stale" if stale else "failing", repeat=DAY)
         return report
 
     # ------------------------------------------------------------------ expiries
