@@ -188,59 +188,73 @@ class KeyService:
         generated = self.backend.generate(
             purpose, life.key_size, exportable=life.exportable and purpose is Purpose.TRANSPORT
         )
-        # A crash from here until the commit below leaves a backend key the
-        # store does not know: recover() erases such orphans on start-up.
-        failpoints.hit("after_generate")
-        now = self.clock.now()
-        subject = x509.Subject(
-            organisation=self.settings.keyd.organisation,
-            client_id=self.settings.keyd.client_id,
-            country=self.settings.keyd.country,
-        )
-        key = KeyVersion(
-            id="kv_" + secrets.token_hex(8),
-            purpose=purpose.value,
-            state=KeyState.AWAITING_CERTIFICATE.value,
-            kid=None,
-            backend=self.backend.capabilities.name,
-            backend_ref=generated.ref,
-            key_size=life.key_size,
-            exportable=life.exportable,
-            created_at=now,
-            state_changed_at=now,
-            public_key_pem=_public_pem(generated.public_key),
-        )
-        cert: cx509.Certificate | None = None
-        if self.settings.keyd.mode is Mode.SANDBOX:
-            cert = x509.self_signed(
-                self.backend, generated.ref, generated.public_key, subject, purpose,
-                life.validity, now,
+        try:
+            # A crash from here until the commit below leaves a backend key the
+            # store does not know: recover() erases such orphans on start-up.
+            failpoints.hit("after_generate")
+            now = self.clock.now()
+            subject = x509.Subject(
+                organisation=self.settings.keyd.organisation,
+                client_id=self.settings.keyd.client_id,
+                country=self.settings.keyd.country,
             )
-        else:
-            csr = x509.make_csr(self.backend, generated.ref, generated.public_key, subject, purpose)
-            key.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        failpoints.hit("after_certificate")
-        with self.store.session("create key", write=True) as session:
-            queries.lock_lifecycle(session)
-            session.add(key)
-            session.flush()
-            if cert is not None:
-                self._attach_certificate(session, key, [cert], "self-signed", None, activate)
-            self.audit.record(
-                AuditEvent(
-                    actor=actor,
-                    action="key.create",
-                    kid=key.kid,
-                    purpose=purpose.value,
-                    detail={"id": key.id, "state": key.state, "backend": key.backend,
-                            "key_size": key.key_size},
+            key = KeyVersion(
+                id="kv_" + secrets.token_hex(8),
+                purpose=purpose.value,
+                state=KeyState.AWAITING_CERTIFICATE.value,
+                kid=None,
+                backend=self.backend.capabilities.name,
+                backend_ref=generated.ref,
+                key_size=life.key_size,
+                exportable=life.exportable,
+                created_at=now,
+                state_changed_at=now,
+                public_key_pem=_public_pem(generated.public_key),
+            )
+            cert: cx509.Certificate | None = None
+            if self.settings.keyd.mode is Mode.SANDBOX:
+                cert = x509.self_signed(
+                    self.backend, generated.ref, generated.public_key, subject, purpose,
+                    life.validity, now,
                 )
-            )
-            info = _info(key, cert)
+            else:
+                csr = x509.make_csr(
+                    self.backend, generated.ref, generated.public_key, subject, purpose
+                )
+                key.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+            failpoints.hit("after_certificate")
+            with self.store.session("create key", write=True) as session:
+                queries.lock_lifecycle(session)
+                session.add(key)
+                session.flush()
+                if cert is not None:
+                    self._attach_certificate(session, key, [cert], "self-signed", None, activate)
+                self.audit.record(
+                    AuditEvent(
+                        actor=actor,
+                        action="key.create",
+                        kid=key.kid,
+                        purpose=purpose.value,
+                        detail={"id": key.id, "state": key.state, "backend": key.backend,
+                                "key_size": key.key_size},
+                    )
+                )
+                info = _info(key, cert)
+        except BaseException:
+            # The key never reached the store (its row was not committed):
+            # erase it now rather than leave an orphan for the next start-up.
+            self._discard(generated.ref)
+            raise
         failpoints.hit("after_create")
         self.invalidate()
         log.info("created %s key %s (%s)", purpose.value, info.kid or info.id, info.state.value)
         return info
+
+    def _discard(self, ref: str) -> None:
+        try:
+            self.backend.destroy(ref)
+        except KeydError as e:
+            log.warning("could not erase uncommitted key %s (recover() will): %s", ref, e.detail)
 
     def _attach_certificate(
         self,
