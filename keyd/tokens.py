@@ -73,12 +73,16 @@ class TokenService:
             )
         )
 
-    def refuse(self, caller: Caller, action: str, error: KeydError) -> None:
-        """Record a refusal; a failing audit must not hide the original error."""
+    def refuse(self, caller: Caller | None, action: str, error: KeydError) -> None:
+        """Record a refusal (``caller`` None: no valid credential was shown).
+
+        A failing audit must not hide the original error, so it is swallowed
+        here: the refusal itself already changed nothing.
+        """
         try:
             self.keys.audit.record(
-                AuditEvent(actor=caller.name, action=action, outcome="refused",
-                           detail={"error": error.code})
+                AuditEvent(actor="unauthenticated" if caller is None else caller.name,
+                           action=action, outcome="refused", detail={"error": error.code})
             )
         except KeydError:
             pass

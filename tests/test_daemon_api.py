@@ -18,7 +18,7 @@ from joserfc import jwe, jws, jwt
 from joserfc.jwk import KeySet, RSAKey
 from joserfc.registry import HeaderParameter
 
-from tests.daemon import Daemon, StaticServer, running
+from tests.daemon import Daemon, StaticServer, keyd, running
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 CONSENT_ID = "18ce19c8-85be-4049-899c-21cdc02cde79"
@@ -295,6 +295,13 @@ def test_calls_without_a_valid_token_get_401(daemon: Daemon) -> None:
         basic = client.post("/v1/sign/jws", json={"payload": "x"},
                             headers={"Authorization": f"Basic {daemon.service_token}"})
     assert basic.status_code == 401
+    audited = [json.loads(line) for line in keyd(
+        daemon.config, "audit", "--action", "sign.jws", "--json", "--limit", "1000"
+    ).stdout.splitlines()]
+    refusals = [e for e in audited if e["actor"] == "unauthenticated"]
+    assert len(refusals) >= 4
+    assert {e["outcome"] for e in refusals} == {"refused"}
+    assert {e["detail"]["error"] for e in refusals} == {"unauthorized"}
 
 
 def test_service_policy_may_not_make_admin_calls(svc: httpx.Client) -> None:

@@ -27,7 +27,7 @@ from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS, error_response
 from keyd.api.limits import RateLimiter
 from keyd.api.openapi import document
-from keyd.errors import BadRequest, KeydError, PayloadTooLarge, RequestTimeout
+from keyd.errors import BadRequest, KeydError, PayloadTooLarge, RequestTimeout, Unauthorized
 from keyd.metrics import Metrics
 from keyd.service import Caller, KeyService
 from keyd.tokens import CLIENT_ASSERTION_TYPE, TokenService
@@ -141,7 +141,11 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
                 token = bearer(request)
 
                 def call() -> dict[str, Any]:
-                    caller = service.authenticate(token)
+                    try:
+                        caller = service.authenticate(token)
+                    except Unauthorized as e:
+                        tokens.refuse(None, name, e)
+                        raise
                     limiter.take(caller.name)
                     try:
                         return operation(caller, body, params)
