@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         json_format=None if serving else os.environ.get("KEYD_LOG_FORMAT") == "json",
         level=logging.INFO if serving else logging.WARNING,
     )
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: say only problems
+    # Libraries say only problems: migrations running and jobs being added are not news.
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except KeydError as e:

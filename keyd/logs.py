@@ -126,7 +126,9 @@ def redact_value(value: Any) -> Any:
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"}
+    "message", "asctime", "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message: noise in JSON
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
