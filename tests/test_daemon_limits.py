@@ -30,8 +30,11 @@ def raw(daemon: Daemon) -> socket.socket:
 def read_all(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes (bounded by the socket timeout)."""
     data = b""
-    while chunk := sock.recv(4096):
-        data += chunk
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass  # closed on us after the answer: what was read is the answer
     return data
 
 

@@ -25,6 +25,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -40,6 +41,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: nothing more is parsed
         if self._in_headers:
             # Count only the header part of this chunk (a body may follow in
             # it), and refuse before the parser sees an oversized block.
@@ -72,15 +75,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                          f"request headers not received within {self.header_timeout:g} s")
 
     def _refuse(self, status: int, code: str, detail: str) -> None:
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
+        self._refused = True
+        self._disarm()
         body = json.dumps({"error": code, "detail": detail}).encode()
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
         )
-        self.transport.close()
+        # Lingering close: send FIN after the answer and stop reading, then
+        # close a moment later.  Closing at once while the client is still
+        # sending makes the kernel answer with RST, which can destroy the
+        # answer before the client has read it.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.pause_reading()
+        self.loop.call_later(1.0, self.transport.close)
 
 
 def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
