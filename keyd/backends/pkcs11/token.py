@@ -28,8 +28,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import hmac
-import queue
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,8 +271,25 @@ class Pooled:
     epoch: int = 0  # the backend's destroy counter when `keys` was last valid
 
 
+class _Waiter:
+    """A thread waiting for a session: handed one directly, in arrival order."""
+
+    __slots__ = ("event", "handed", "item")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.handed = False
+        self.item: Pooled | None = None
+
+
 class SessionPool:
-    """``size`` sessions; each operation borrows one.  Empty slots open lazily."""
+    """``size`` sessions; each operation borrows one.  Empty slots open lazily.
+
+    Fair: a returned session goes straight to the thread that has waited
+    longest.  (A plain queue lets a thread that returns a session take it
+    back at once, so under steady load another thread can starve until it
+    times out.)
+    """
 
     def __init__(
         self, token: pkcs11.Token, login_key: tuple[str, int], pin: Secret, size: int,
@@ -282,9 +299,9 @@ class SessionPool:
         self._login_key = login_key
         self._pin = pin
         self._wait = wait
-        self._slots: queue.Queue[Pooled | None] = queue.Queue()
-        for _ in range(size):
-            self._slots.put(None)
+        self._lock = threading.Lock()
+        self._free: list[Pooled | None] = [None] * size
+        self._waiters: deque[_Waiter] = deque()
         self.size = size
         self.closed = False
 
@@ -292,32 +309,44 @@ class SessionPool:
         return Pooled(open_logged_in_session(self._token, self._login_key, self._pin))
 
     def take(self) -> Pooled | None:
-        if self.closed:
-            raise BackendUnavailable("pkcs11: the backend is closed")
-        try:
-            return self._slots.get(timeout=self._wait)
-        except queue.Empty:
-            raise BackendUnavailable(
-                f"pkcs11: all {self.size} sessions on token {self._token.label!r} "
-                f"stayed busy for {self._wait:.0f} s"
-            ) from None
+        with self._lock:
+            if self.closed:
+                raise BackendUnavailable("pkcs11: the backend is closed")
+            if self._free and not self._waiters:
+                return self._free.pop()
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        if waiter.event.wait(self._wait):
+            return waiter.item
+        with self._lock:
+            if waiter.handed:  # handed over just as the wait ran out
+                return waiter.item
+            self._waiters.remove(waiter)
+        raise BackendUnavailable(
+            f"pkcs11: all {self.size} sessions on token {self._token.label!r} "
+            f"stayed busy for {self._wait:.0f} s"
+        )
 
     def give_back(self, pooled: Pooled | None) -> None:
-        if self.closed and pooled is not None:
-            _close_quietly(pooled.session)
-            pooled = None
-        self._slots.put(pooled)
+        with self._lock:
+            if self.closed and pooled is not None:
+                _close_quietly(pooled.session)
+                pooled = None
+            if self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.item, waiter.handed = pooled, True
+                waiter.event.set()
+                return
+            self._free.append(pooled)
 
     @staticmethod
     def discard(pooled: Pooled) -> None:
         _close_quietly(pooled.session)
 
     def close(self) -> None:
-        self.closed = True
-        while True:
-            try:
-                pooled = self._slots.get_nowait()
-            except queue.Empty:
-                return
+        with self._lock:
+            self.closed = True
+            free, self._free = self._free, []
+        for pooled in free:
             if pooled is not None:
                 _close_quietly(pooled.session)
