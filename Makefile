@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBS   := softhsm2 wrk systemd
+DEBS   := softhsm2 wrk systemd chromium
+AXE    := .npm/node_modules/axe-core/axe.min.js
+AXE_VERSION := 4.10.3
 
 .PHONY: run test lint bench setup system-packages clean
 
@@ -23,10 +25,11 @@ bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) $(AXE)
 
 # Debian packages the tests and benchmarks use (SoftHSM2 for the HSM backend,
-# wrk as the load generator).  Installed only where missing; needs root.
+# wrk as the load generator, Chromium for the console's browser tests: Playwright
+# drives it and never downloads a browser of its own).  Installed only where missing; needs root.
 system-packages:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -40,5 +43,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# axe-core, the console tests' accessibility checker, from npm into .npm/ (gitignored).
+$(AXE):
+	npm install --silent --no-save --no-audit --no-fund --prefix .npm axe-core@$(AXE_VERSION)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .npm test-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -298,6 +298,36 @@ class AuditLog:
             rows.reverse()
         return [_record(r) for r in rows]
 
+    def page(
+        self,
+        *,
+        before: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        action: str | None = None,
+        kid: str | None = None,
+        actor: str | None = None,
+        limit: int = 50,
+    ) -> builtins.list[AuditRecord]:
+        """Newest first: up to `limit` events with seq < `before`, filtered (the console)."""
+        limit = max(1, min(limit, 1000))
+        query = select(AuditEventRow)
+        if before is not None:
+            query = query.where(col(AuditEventRow.seq) < before)
+        if since is not None:
+            query = query.where(col(AuditEventRow.at) >= since)
+        if until is not None:
+            query = query.where(col(AuditEventRow.at) < until)
+        if action is not None:
+            query = query.where(AuditEventRow.action == action)
+        if kid is not None:
+            query = query.where(AuditEventRow.kid == kid)
+        if actor is not None:
+            query = query.where(AuditEventRow.actor == actor)
+        query = query.order_by(col(AuditEventRow.seq).desc()).limit(limit)
+        with self._store.session("audit read") as session:
+            return [_record(r) for r in session.exec(query).all()]
+
 
 # ---------------------------------------------------------------------- the chain
 

@@ -190,6 +190,11 @@ class IssuerKeys:
         with self._lock:
             return list(self._certs)
 
+    def cached_keys(self) -> dict[str, Any]:
+        """The last good set as cached (kid -> JWK), fetching nothing (the console)."""
+        with self._lock:
+            return dict(self._keys)
+
     def refresh(self) -> None:
         """Fetch now, whatever the cool-down; IssuerUnavailable when it fails."""
         with self._lock:

@@ -100,6 +100,16 @@ class KeyInfo:
         }
 
 
+@dataclass(frozen=True)
+class ClientInfo:
+    """A local-API client as admins see it."""
+
+    name: str
+    policy: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 def _rfc3339(when: datetime | None) -> str | None:
     return None if when is None else utc(when).isoformat().replace("+00:00", "Z")
 
@@ -699,6 +709,38 @@ class KeyService:
                                                                      "policy": policy})
             )
         return token
+
+    def clients(self) -> list[ClientInfo]:
+        """Every client, revoked ones too (never a token or its hash)."""
+        with self.store.session() as session:
+            return [ClientInfo(c.name, c.policy, utc(c.created_at), _maybe_utc(c.revoked_at))
+                    for c in queries.all_clients(session)]
+
+    def revoke_client(self, name: str, *, actor: str) -> None:
+        """Revoke a client: its token is refused from now on (401)."""
+        with self.store.session("revoke client", write=True) as session:
+            client = queries.client_by_name(session, name)
+            if client is None:
+                raise NotFound(f"no client {name[:64]!r}")
+            if client.revoked_at is not None:
+                raise Conflict(f"client {name!r} was revoked at {_rfc3339(client.revoked_at)}")
+            client.revoked_at = self.clock.now()
+            session.add(client)
+            self.audit.record(AuditEvent(actor=actor, action="client.revoke",
+                                         detail={"client": name, "policy": client.policy}))
+        self._clients.clear()  # no cached caller outlives its revocation here
+
+    def caller_named(self, name: str) -> Caller:
+        """The caller behind a client name (a console session), or 401 when it is
+        unknown, revoked or its policy is gone."""
+        with self.store.session() as session:
+            client = queries.client_by_name(session, name)
+            if client is None or client.revoked_at is not None:
+                raise Unauthorized(f"client {name[:64]!r} is unknown or revoked")
+            policy = self.policies.get(client.policy)
+            if policy is None:
+                raise Unauthorized(f"client {client.name!r} has unknown policy {client.policy!r}")
+            return Caller(client.name, policy)
 
     def authenticate(self, token: str | None) -> Caller:
         """The caller a bearer token belongs to, or 401.
