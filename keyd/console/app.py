@@ -257,14 +257,15 @@ class Console:
 
     async def timeline_page(self, request: Request, session: Session,
                             caller: Caller) -> Response:
-        days = request.query_params.get("days", str(timeline.DEFAULT_WINDOW))
-        if not days.isdigit() or int(days) not in timeline.WINDOWS:
+        text = request.query_params.get("days", "")
+        if text and (not text.isdigit() or int(text) not in timeline.WINDOWS):
             raise BadRequest(f"days must be one of {list(timeline.WINDOWS)}")
+        days = int(text) if text else None
         rows = await run_in_threadpool(views.key_rows, self.service)
         drawing = timeline.build(rows, self.service.clock.now(),
-                                 self.service.settings.alerts.thresholds, int(days))
+                                 self.service.settings.alerts.thresholds, days)
         return self.render(request, "timeline.html", session=session, caller=caller,
-                           timeline=drawing, days=int(days), windows=timeline.WINDOWS)
+                           timeline=drawing, days=days, windows=timeline.WINDOWS)
 
     async def counterparties(self, request: Request, session: Session,
                              caller: Caller) -> Response:

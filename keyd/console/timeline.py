@@ -8,6 +8,7 @@ table for those who do not use the picture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,8 +21,10 @@ PLOT_WIDTH = WIDTH - LABEL_WIDTH - 10
 ROW_HEIGHT = 30
 BAR_HEIGHT = 16
 AXIS_HEIGHT = 34
-WINDOWS = (7, 30, 90, 400)  # days the window can show; a quarter of it is the past
-DEFAULT_WINDOW = 400
+WINDOWS = (7, 30, 90, 400)  # fixed windows (days) on offer; a quarter of each is the past
+MAX_PAST = timedelta(days=90)  # the whole-picture window looks back at most this far
+MAX_FUTURE = timedelta(days=800)
+MAX_LABELS = 9  # past this many ticks, every other one is labelled
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,25 @@ def when(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def window(keys: list[KeyRow], now: datetime, days: int | None) -> tuple[datetime, datetime]:
+    """``days`` wide (a quarter of it past), or, for None, the whole picture:
+    back to the oldest live key's publication, on to the last expiry."""
+    if days is not None:
+        return now - timedelta(days=days) / 4, now + timedelta(days=days) * 3 / 4
+    live = [k for k in keys if k.state not in (KeyState.DESTROYED, KeyState.REVOKED)]
+    starts = [k.publish_at or k.created_at for k in live]
+    ends = [t for k in live for t in (k.not_after, k.rotates_at, k.destroy_after,
+                                       k.activates_at) if t is not None]
+    start = max(min([now - timedelta(days=7), *starts]), now - MAX_PAST)
+    end = min(max([now + timedelta(days=30), *ends]), now + MAX_FUTURE)
+    margin = (end - start) * 0.03
+    return start - margin, end + margin
+
+
 def build(keys: list[KeyRow], now: datetime, thresholds: tuple[timedelta, ...],
-          days: int = DEFAULT_WINDOW) -> Timeline:
-    span = timedelta(days=days)
-    start, end = now - span / 4, now + span * 3 / 4
-    seconds = span.total_seconds()
+          days: int | None = None) -> Timeline:
+    start, end = window(keys, now, days)
+    seconds = (end - start).total_seconds()
 
     def x_of(at: datetime) -> float:
         clamped = min(max(at, start), end)
@@ -111,7 +128,7 @@ def build(keys: list[KeyRow], now: datetime, thresholds: tuple[timedelta, ...],
             marks.append(Mark(x=x_of(key.state_changed_at), y=y, kind="revoked",
                               label=f"{name}: revoked {when(key.state_changed_at)} "
                                     f"({key.revoked_reason or 'no reason given'})"))
-        if key.not_after is not None:
+        if key.not_after is not None and key.state not in (KeyState.REVOKED, KeyState.DESTROYED):
             if start <= key.not_after <= end:
                 marks.append(Mark(x=x_of(key.not_after), y=y, kind="not_after",
                                   label=f"{name}: certificate not after {when(key.not_after)}"))
@@ -152,8 +169,7 @@ def _periods(key: KeyRow, now: datetime) -> list[tuple[str, datetime, datetime]]
     return out
 
 
-def _ticks(start: datetime, end: datetime, x_of: object) -> list[Tick]:
-    assert callable(x_of)
+def _ticks(start: datetime, end: datetime, x_of: Callable[[datetime], float]) -> list[Tick]:
     days = (end - start).days
     if days <= 10:
         step, fmt = timedelta(days=1), "%b %d"
@@ -172,6 +188,10 @@ def _ticks(start: datetime, end: datetime, x_of: object) -> list[Tick]:
             at += step
         else:
             at = (at + timedelta(days=32)).replace(day=1)
+    if len(ticks) > MAX_LABELS:
+        # Keep every grid line, but label every other (or third...) so labels never touch.
+        every = -(-len(ticks) // MAX_LABELS)
+        ticks = [t if i % every == 0 else Tick(t.x, "") for i, t in enumerate(ticks)]
     return ticks
 
 
