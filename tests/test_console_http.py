@@ -1,0 +1,246 @@
+"""The admin console over plain HTTP against the real daemon: headers, cookies,
+sign-in refusals, CSRF and origin checks, strict forms, sessions that end,
+audit paging.  (tests/test_console_browser.py drives the same pages in chromium.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyd.console.web import CSP
+from tests.daemon import REPO, Daemon, keyd, running
+
+PAGES = ["/console/", "/console/timeline", "/console/timeline?days=30",
+         "/console/counterparties", "/console/audit", "/console/clients",
+         "/console/keys/signing/rotate"]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running(tmp_path_factory.mktemp("console-http"),
+                 {"lifecycle.transport": {"enabled": False}}) as d:
+        yield d
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+@contextmanager
+def signed_in(daemon: Daemon, token: str | None = None) -> Iterator[httpx.Client]:
+    """A client holding a console session (and the page's CSRF token in its x-csrf header,
+    which keyd ignores: the tests read it from there)."""
+    with httpx.Client(base_url=daemon.api_url, timeout=30) as client:
+        form = client.get("/console/sign-in")
+        answer = client.post("/console/sign-in", data={"csrf": csrf_of(form.text),
+                                                       "token": token or daemon.admin_token})
+        assert answer.status_code == 303, answer.text
+        client.headers["x-csrf"] = csrf_of(client.get("/console/").text)
+        yield client
+
+
+def audit_events(daemon: Daemon, action: str) -> list[dict[str, object]]:
+    out = keyd(daemon.config, "audit", "--json", "--action", action, "--limit", "500").stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+class Links(HTMLParser):
+    """Every URL a page would load or link, inline scripts and style attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.inline: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        for name in ("src", "href", "action", "formaction"):
+            if values.get(name) is not None:
+                self.urls.append(str(values[name]))
+        if "style" in values or tag == "style":
+            self.inline.append(f"style on <{tag}>")
+        if tag == "script" and not values.get("src"):
+            self.inline.append("inline <script>")
+        if any(name.startswith("on") for name in values):
+            self.inline.append(f"event handler on <{tag}>")
+
+
+def test_every_console_response_carries_the_security_headers(daemon: Daemon) -> None:
+    with signed_in(daemon) as client:
+        answers = [client.get(p) for p in PAGES]
+        answers += [client.get("/console/static/console.css"), client.get("/console/nowhere"),
+                    httpx.get(daemon.api_url + "/console/sign-in"),
+                    httpx.get(daemon.api_url + "/console/")]
+    for answer in answers:
+        assert answer.headers["content-security-policy"] == CSP, answer.url
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["cache-control"] == "no-store"
+    assert "default-src 'self'" in CSP and "frame-ancestors 'none'" in CSP
+    assert "unsafe-inline" not in CSP and "unsafe-eval" not in CSP
+    assert answers[-1].status_code == 303  # not signed in: to the sign-in form
+
+
+def test_pages_load_nothing_from_elsewhere_and_hold_no_inline_script_or_style(
+    daemon: Daemon,
+) -> None:
+    with signed_in(daemon) as client:
+        for path in [*PAGES, "/console/sign-in"]:
+            answer = client.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+            links = Links()
+            links.feed(answer.text)
+            assert links.inline == [], path
+            foreign = [u for u in links.urls if not u.startswith(("/", "#", "?"))]
+            assert foreign == [], path
+
+
+def test_the_session_cookie_is_httponly_strict_and_scoped_to_the_console(
+    daemon: Daemon,
+) -> None:
+    with httpx.Client(base_url=daemon.api_url) as client:
+        form = client.get("/console/sign-in")
+        answer = client.post("/console/sign-in", data={"csrf": csrf_of(form.text),
+                                                       "token": daemon.admin_token})
+    cookie = next(c for c in answer.headers.get_list("set-cookie")
+                  if c.startswith("keyd-console="))
+    attributes = {a.strip().split("=")[0] for a in cookie.split(";")[1:]}
+    assert {"HttpOnly", "SameSite", "Path"} <= attributes
+    assert "SameSite=Strict" in cookie and "Path=/console" in cookie
+    # Plain loopback HTTP: a Secure (or __Host-) cookie would never come back.
+    assert "Secure" not in attributes and "Max-Age" not in attributes
+
+
+def test_sign_in_refuses_a_service_token_and_a_wrong_one_and_audits_both(
+    daemon: Daemon,
+) -> None:
+    for token, status in ((daemon.service_token, 403), ("keyd_wrong", 401)):
+        with httpx.Client(base_url=daemon.api_url) as client:
+            form = client.get("/console/sign-in")
+            answer = client.post("/console/sign-in", data={"csrf": csrf_of(form.text),
+                                                           "token": token})
+            assert answer.status_code == status
+            assert not any(c.startswith("keyd-console=")
+                           for c in answer.headers.get_list("set-cookie"))
+            assert client.get("/console/").status_code == 303
+    refused = [e for e in audit_events(daemon, "console.sign_in") if e["outcome"] == "refused"]
+    assert {"svc-1", "unauthenticated"} <= {str(e["actor"]) for e in refused}
+
+
+def test_the_sign_in_form_needs_its_own_csrf_token(daemon: Daemon) -> None:
+    with httpx.Client(base_url=daemon.api_url) as client:
+        answer = client.post("/console/sign-in", data={"csrf": "guess",
+                                                       "token": daemon.admin_token})
+    assert answer.status_code == 403
+    assert not answer.headers.get_list("set-cookie")
+
+
+def test_a_form_from_another_origin_is_refused_even_with_the_right_token(
+    daemon: Daemon,
+) -> None:
+    with signed_in(daemon) as client:
+        before = client.get("/console/").text.count('class="kid"')
+        for headers in ({"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"}):
+            answer = client.post("/console/keys/encryption/rotate",
+                                 data={"csrf": client.headers["x-csrf"]}, headers=headers)
+            assert answer.status_code == 403
+        assert client.get("/console/").text.count('class="kid"') == before
+
+
+def test_forms_are_strict_about_fields_types_and_size(daemon: Daemon) -> None:
+    with signed_in(daemon) as client:
+        csrf = client.headers["x-csrf"]
+        unknown = client.post("/console/keys/signing/rotate", data={"csrf": csrf, "evil": "1"})
+        assert unknown.status_code == 400 and "evil" in unknown.text
+        twice = client.post("/console/keys/signing/rotate",
+                            content=f"csrf={csrf}&csrf={csrf}",
+                            headers={"content-type": "application/x-www-form-urlencoded"})
+        assert twice.status_code == 400
+        as_json = client.post("/console/keys/signing/rotate", json={"csrf": csrf})
+        assert as_json.status_code == 415
+        huge = client.post("/console/clients", data={"csrf": csrf, "name": "x" * 300_000,
+                                                     "policy": "service"})
+        assert huge.status_code == 413
+        wrong_window = client.get("/console/timeline?days=13")
+        assert wrong_window.status_code == 400
+        bad_time = client.get("/console/audit?since=yesterday")
+        assert bad_time.status_code == 400 and "since" in bad_time.text
+
+
+def test_revoking_a_client_ends_its_console_sessions_at_once(daemon: Daemon) -> None:
+    token = keyd(daemon.config, "client", "add", "admin-2", "--policy", "admin").stdout.strip()
+    with signed_in(daemon, token) as second, signed_in(daemon) as first:
+        assert second.get("/console/").status_code == 200
+        answer = first.post("/console/clients/admin-2/revoke",
+                            data={"csrf": first.headers["x-csrf"]})
+        assert answer.status_code == 303
+        assert second.get("/console/").status_code == 303  # back to sign-in
+        with daemon.client(token) as api:
+            assert api.get("/v1/keys").status_code == 401
+    revoked = audit_events(daemon, "client.revoke")
+    assert any(e["actor"] == "admin-1" and e["detail"] == {"client": "admin-2",
+                                                           "policy": "admin"} for e in revoked)
+
+
+def test_signing_out_ends_the_session(daemon: Daemon) -> None:
+    with signed_in(daemon) as client:
+        cookie = client.cookies["keyd-console"]
+        answer = client.post("/console/sign-out", data={"csrf": client.headers["x-csrf"]})
+        assert answer.status_code == 200 and "Signed out" in answer.text
+        replay = httpx.get(daemon.api_url + "/console/", cookies={"keyd-console": cookie})
+        assert replay.status_code == 303
+
+
+def test_the_audit_page_is_paged_and_filtered(daemon: Daemon) -> None:
+    with signed_in(daemon) as client:
+        with daemon.client(daemon.admin_token) as api:
+            kid = next(k["kid"] for k in api.get("/v1/keys").json()["keys"]
+                       if k["purpose"] == "encryption" and k["state"] == "active")
+        for _ in range(55):  # each CSR download is an audited action
+            answer = client.post(f"/console/keys/{kid}/csr",
+                                 data={"csrf": client.headers["x-csrf"]})
+            assert answer.status_code == 200
+            assert answer.text.startswith("-----BEGIN CERTIFICATE REQUEST-----")
+        first = client.get(f"/console/audit?action=key.csr&kid={kid}")
+        rows = re.findall(r"<td><code>key\.csr</code></td>", first.text)
+        assert len(rows) == 50
+        older = re.search(r'href="/console/audit\?([^"]+)">Older events', first.text)
+        assert older, "no link to older events"
+        second = client.get("/console/audit?" + older.group(1).replace("&amp;", "&"))
+        assert len(re.findall(r"<td><code>key\.csr</code></td>", second.text)) >= 5
+        assert "Older events" not in second.text
+        assert "Chain: intact" in first.text
+        head = re.search(r'class="head">(\d+):([0-9a-f]{64})<', first.text)
+        assert head, "no chain head shown"
+        nothing = client.get("/console/audit?actor=nobody-at-all")
+        assert "No event matches." in nothing.text
+
+
+def test_the_console_is_not_served_on_the_public_listener(daemon: Daemon) -> None:
+    with daemon.public() as public:
+        assert public.get("/console/").status_code == 404
+        assert public.get("/console/sign-in").status_code == 404
+
+
+def test_every_template_and_static_file_is_package_data() -> None:
+    """pyproject's package-data globs cover every file the console serves, so the
+    wheel carries them."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["keyd.console"]
+    folder = REPO / "keyd" / "console"
+    files = [p.relative_to(folder) for d in ("templates", "static")
+             for p in (folder / d).iterdir()]
+    assert files
+    assert all(any(Path(f).match(g) for g in globs) for f in files), (files, globs)
+    dependencies = " ".join(data["project"]["dependencies"])
+    assert "jinja2" in dependencies and "python-multipart" in dependencies

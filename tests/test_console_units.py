@@ -1,0 +1,146 @@
+"""The console's pure parts: session expiry under a settable clock, countdown
+text, the timeline's geometry, autoescaping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from keyd.clock import SettableClock
+from keyd.console import timeline
+from keyd.console.app import _environment, relative
+from keyd.console.sessions import ABSOLUTE, IDLE, MAX_SESSIONS, SessionStore, same_secret
+from keyd.console.views import KeyRow
+from keyd.model import KeyState, Purpose
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def test_a_session_ends_after_the_idle_time_without_a_request() -> None:
+    clock = SettableClock(T0)
+    store = SessionStore(clock)
+    cookie, _ = store.create("admin-1")
+    clock.advance(IDLE - timedelta(seconds=1))
+    assert store.get(cookie) is not None  # ... which restarts the idle timer
+    clock.advance(IDLE - timedelta(seconds=1))
+    assert store.get(cookie) is not None
+    clock.advance(IDLE)
+    assert store.get(cookie) is None
+    assert store.get(cookie) is None  # and it stays ended
+
+
+def test_a_busy_session_still_ends_at_the_absolute_limit() -> None:
+    clock = SettableClock(T0)
+    store = SessionStore(clock)
+    cookie, _ = store.create("admin-1")
+    while clock.now() - T0 < ABSOLUTE - IDLE:
+        clock.advance(IDLE / 2)
+        assert store.get(cookie) is not None
+    clock.set(T0 + ABSOLUTE)
+    assert store.get(cookie) is None
+
+
+def test_a_clock_that_goes_back_does_not_revive_or_extend_a_session() -> None:
+    clock = SettableClock(T0)
+    store = SessionStore(clock)
+    cookie, _ = store.create("admin-1")
+    clock.advance(ABSOLUTE)
+    assert store.get(cookie) is None
+    clock.set(T0)
+    assert store.get(cookie) is None
+
+
+def test_sign_out_and_client_revocation_end_sessions_and_memory_keeps_no_cookie() -> None:
+    store = SessionStore(SettableClock(T0))
+    a, _ = store.create("admin-1")
+    b, _ = store.create("admin-2")
+    c, _ = store.create("admin-2")
+    assert a not in repr(store._sessions)  # only the cookie's hash is kept
+    store.end(a)
+    assert store.get(a) is None
+    store.end_client("admin-2")
+    assert store.get(b) is None and store.get(c) is None
+    assert store.get("x" * 500) is None and store.get(None) is None
+
+
+def test_the_number_of_sessions_is_bounded() -> None:
+    store = SessionStore(SettableClock(T0))
+    for _ in range(MAX_SESSIONS + 5):
+        store.create("admin-1")
+    assert len(store) == MAX_SESSIONS
+
+
+def test_csrf_tokens_compare_exactly() -> None:
+    store = SessionStore(SettableClock(T0))
+    _, session = store.create("admin-1")
+    assert same_secret(session.csrf, session.csrf)
+    assert not same_secret(None, session.csrf)
+    assert not same_secret("", session.csrf)
+    assert not same_secret(session.csrf[:-1], session.csrf)
+    _, other = store.create("admin-1")
+    assert other.csrf != session.csrf
+
+
+def test_countdowns_read_at_a_glance() -> None:
+    assert relative(T0 + timedelta(days=396, hours=23, minutes=5), T0) == "in 396 d 23 h"
+    assert relative(T0 + timedelta(hours=2, minutes=5), T0) == "in 2 h 5 min"
+    assert relative(T0 - timedelta(minutes=7, seconds=3), T0) == "7 min ago"
+    assert relative(T0 + timedelta(seconds=9), T0) == "in 9 s"
+    assert relative(None, T0) == ""
+
+
+def key(kid: str, state: KeyState, **times: datetime) -> KeyRow:
+    return KeyRow(id="kv_" + kid, kid=kid, provisional=False, purpose=Purpose.SIGNING,
+                  state=state, alg="PS256", key_size=2048, backend="local",
+                  created_at=times.get("publish_at", T0 - timedelta(days=100)),
+                  state_changed_at=times.pop("changed", T0 - timedelta(days=1)), **times)
+
+
+def test_the_timeline_draws_each_stretch_of_each_key_in_time_order() -> None:
+    d = timedelta(days=1)
+    keys = [
+        key("old", KeyState.RETIRED, publish_at=T0 - 95 * d, activated_at=T0 - 93 * d,
+            retired_at=T0 - 3 * d, destroy_after=T0 + 4 * d, not_after=T0 + 300 * d),
+        key("cur", KeyState.ACTIVE, publish_at=T0 - 5 * d, activated_at=T0 - 3 * d,
+            rotates_at=T0 + 87 * d, not_after=T0 + 392 * d),
+        key("next", KeyState.PENDING, publish_at=T0 - d, activates_at=T0 + d,
+            not_after=T0 + 396 * d),
+        key("bad", KeyState.REVOKED, publish_at=T0 - 10 * d, changed=T0 - 2 * d,
+            revoked_reason="leaked"),
+    ]
+    thresholds = (timedelta(days=30), timedelta(days=7))
+    drawn = timeline.build(keys, T0, thresholds)
+    assert [r.kid for r in drawn.rows] == ["old", "cur", "next", "bad"]
+    kinds = {(s.label.split(":")[0].split()[-1], s.kind) for s in drawn.spans}
+    assert {("old", "published"), ("old", "active"), ("old", "retired"), ("cur", "published"),
+            ("cur", "active"), ("cur", "planned"), ("next", "published"),
+            ("bad", "published")} == kinds
+    old = {s.kind: s for s in drawn.spans if "key old:" in s.label}
+    assert old["published"].x < old["active"].x < old["retired"].x  # left to right in time
+    assert old["active"].x + old["active"].width <= drawn.now_x <= old["retired"].x + \
+        old["retired"].width
+    assert drawn.plot_left < drawn.now_x < drawn.plot_left + drawn.plot_width
+    marks = [(m.kind, m.label.split(":")[0].split()[-1]) for m in drawn.marks]
+    assert ("revoked", "bad") in marks
+    # Expiry thresholds only for keys that will still be in use: active and pending.
+    assert marks.count(("threshold", "cur")) == 2 and marks.count(("threshold", "next")) == 2
+    assert ("threshold", "old") not in marks
+    assert any("leaked" in m.label for m in drawn.marks if m.kind == "revoked")
+    assert drawn.start <= T0 - 95 * d and drawn.end >= T0 + 396 * d  # the whole picture
+
+
+def test_a_fixed_window_clips_spans_to_its_edges() -> None:
+    d = timedelta(days=1)
+    keys = [key("cur", KeyState.ACTIVE, publish_at=T0 - 200 * d, activated_at=T0 - 90 * d,
+                rotates_at=T0 + 300 * d, not_after=T0 + 300 * d)]
+    drawn = timeline.build(keys, T0, (), days=30)
+    assert drawn.end - drawn.start == 30 * d
+    for span in drawn.spans:
+        assert drawn.plot_left <= span.x <= span.x + span.width <= (
+            drawn.plot_left + drawn.plot_width + 0.1)
+    assert not [m for m in drawn.marks if m.kind == "not_after"]  # beyond the window
+    assert len(drawn.ticks) >= 4 and all(t.label for t in drawn.ticks)  # weekly, labelled
+
+
+def test_templates_escape_every_value() -> None:
+    template = _environment().from_string("<p>{{ value }}</p>")
+    assert template.render(value="<b>x</b>&") == "<p>&lt;b&gt;x&lt;/b&gt;&amp;</p>"
