@@ -168,7 +168,12 @@ def test_an_admin_signs_in_sees_every_kid_rotates_revokes_uploads_and_signs_out(
         assert any(new_kid in label and "active from" in label for label in labels)
         revoked_mark = page.locator("svg.timeline g.mark-revoked title").first
         assert HOSTILE_REASON in (revoked_mark.text_content() or "")
-        page.locator("svg.timeline g.span-active").first.focus()
+        span = page.locator("svg.timeline g.span-active").first
+        label = span.locator("text.focus-label")
+        expect(label).to_be_hidden()
+        span.focus()  # focusing a span says what and when, on the picture itself
+        expect(label).to_be_visible()
+        assert "active from" in (label.text_content() or "")
         check_page(page, "07-timeline")
 
         page.get_by_role("link", name="Counterparties").click()

@@ -9,7 +9,7 @@ from keyd.clock import SettableClock
 from keyd.console import timeline
 from keyd.console.app import _environment, relative
 from keyd.console.sessions import ABSOLUTE, IDLE, MAX_SESSIONS, SessionStore, same_secret
-from keyd.console.views import KeyRow
+from keyd.console.views import KeyRow, shape_readiness
 from keyd.model import KeyState, Purpose
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -144,3 +144,14 @@ def test_a_fixed_window_clips_spans_to_its_edges() -> None:
 def test_templates_escape_every_value() -> None:
     template = _environment().from_string("<p>{{ value }}</p>")
     assert template.render(value="<b>x</b>&") == "<p>&lt;b&gt;x&lt;/b&gt;&amp;</p>"
+
+
+def test_readiness_shows_what_readyz_gives_today_and_the_leader_once_reported() -> None:
+    today = shape_readiness({"backend": "ok", "active_keys": "ok", "store": "ok",
+                             "ready": True})
+    assert today == {"ready": True, "leader": None, "replica": None,
+                     "checks": {"backend": "ok", "active_keys": "ok", "store": "ok"}}
+    replicated = shape_readiness({"ready": False, "replica": "host-b", "leader": False,
+                                  "checks": {"backend": "sealed"}})
+    assert replicated == {"ready": False, "leader": False, "replica": "host-b",
+                          "checks": {"backend": "sealed"}}

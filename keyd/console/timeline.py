@@ -35,6 +35,16 @@ class Span:
     kind: str  # published | active | planned | retired | awaiting
     label: str
 
+    @property
+    def brief(self) -> str:
+        """The label without the key's name, which its row already shows."""
+        return self.label.partition(": ")[2] or self.label
+
+    @property
+    def anchor(self) -> str:
+        """Where its label sits when shown: right of the span, or left of it past the middle."""
+        return "end" if self.x + self.width / 2 > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
+
 
 @dataclass(frozen=True)
 class Mark:
@@ -42,6 +52,14 @@ class Mark:
     y: float
     kind: str  # not_after | threshold | revoked
     label: str
+
+    @property
+    def brief(self) -> str:
+        return self.label.partition(": ")[2] or self.label
+
+    @property
+    def anchor(self) -> str:
+        return "end" if self.x > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ the admin API use.  Each function returns plain values for a template.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -137,20 +138,25 @@ def _any(view: PurposeView) -> bool:
 
 
 def readiness(service: KeyService) -> dict[str, Any]:
-    """What /readyz answers, as is: ``ready``, ``checks``, and ``leader`` and
-    ``replica`` where this keyd reports them."""
+    """What /readyz answers, shaped for the overview."""
     try:
-        answer = dict(service.ready())
+        return shape_readiness(service.ready())
     except KeydError as e:
-        return {"ready": False, "checks": {"keyd": e.detail}}
-    checks = answer.pop("checks", None)
-    ready = bool(answer.pop("ready", False))
-    leader = answer.pop("leader", None)
-    replica = answer.pop("replica", None)
+        return {"ready": False, "checks": {"keyd": e.detail}, "leader": None, "replica": None}
+
+
+def shape_readiness(answer: Mapping[str, object]) -> dict[str, Any]:
+    """``ready``, ``checks``, and ``leader`` and ``replica`` where keyd reports them
+    (None where it does not).  Checks may sit beside ``ready`` or under ``checks``."""
+    rest = dict(answer)
+    ready = rest.pop("ready", False) is True
+    leader, replica = rest.pop("leader", None), rest.pop("replica", None)
+    checks = rest.pop("checks", None)
     if not isinstance(checks, dict):
-        # Today's /readyz puts its checks beside "ready"; tomorrow's nests them.
-        checks = {k: v for k, v in answer.items()}
-    return {"ready": ready, "checks": checks, "leader": leader, "replica": replica}
+        checks = rest
+    return {"ready": ready, "checks": checks,
+            "leader": leader if isinstance(leader, bool) else None,
+            "replica": None if replica is None else str(replica)}
 
 
 def recent_alerts(service: KeyService) -> list[AuditRecord]:
