@@ -178,6 +178,7 @@ def test_an_admin_signs_in_sees_every_kid_rotates_revokes_uploads_and_signs_out(
 
         page.get_by_role("link", name="Counterparties").click()
         expect(page.locator("code.kid", has_text="paynet-sig-1")).to_be_visible()
+        expect(page.locator("tr", has_text="paynet-sig-1")).to_contain_text("expires soon")
         expect(page.get_by_text("paynet-weak", exact=False)).to_be_visible()  # dropped, and why
         check_page(page, "08-counterparties")
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from keyd.clock import SettableClock
 from keyd.console import timeline
-from keyd.console.app import _environment, relative
+from keyd.console.app import _environment, duration, relative
 from keyd.console.sessions import ABSOLUTE, IDLE, MAX_SESSIONS, SessionStore, same_secret
 from keyd.console.views import KeyRow, shape_readiness
 from keyd.model import KeyState, Purpose
@@ -86,6 +86,9 @@ def test_countdowns_read_at_a_glance() -> None:
     assert relative(T0 - timedelta(minutes=7, seconds=3), T0) == "7 min ago"
     assert relative(T0 + timedelta(seconds=9), T0) == "in 9 s"
     assert relative(None, T0) == ""
+    assert [duration(timedelta(minutes=15)), duration(timedelta(days=2)),
+            duration(timedelta(hours=36)), duration(timedelta(seconds=90))] == [
+        "15m", "2d", "36h", "90s"]
 
 
 def key(kid: str, state: KeyState, **times: datetime) -> KeyRow:

@@ -9,6 +9,7 @@ under the signed-in client's name, so the audit log says who did it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,15 @@ def relative(at: datetime | None, now: datetime) -> str:
     return f"{text} ago" if past else f"in {text}"
 
 
+def duration(delta: timedelta) -> str:
+    """A lifecycle setting as config.toml spells it: 15m, 2d, 36h."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("keyd.console", "templates"),
@@ -81,7 +91,10 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["when"] = _when
     env.filters["iso"] = _iso
+    env.filters["duration"] = duration
     env.filters["path"] = lambda value: quote(str(value), safe="")
+    # Audit details as they were recorded: text as is, anything else as JSON.
+    env.filters["plain"] = lambda value: value if isinstance(value, str) else json.dumps(value)
     return env
 
 
@@ -98,9 +111,12 @@ class Console:
     def render(self, request: Request, template: str, status: int = 200,
                session: Session | None = None, **values: Any) -> HTMLResponse:
         now = self.service.clock.now()
+        warn = max(self.service.settings.alerts.thresholds, default=timedelta(days=30))
         html = self.templates.get_template(template).render(
             request=request, session=session, now=now,
             relative=lambda at: relative(at, now),
+            # Within the first alert threshold: shown as a warning.
+            soon=lambda at: at is not None and utc(at) - now <= warn,
             flashes=session.take_flashes() if session is not None else [],
             organisation=self.service.settings.keyd.organisation,
             mode=self.service.settings.keyd.mode.value, **values,
