@@ -9,20 +9,19 @@ import base64
 import json
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from jwcrypto import jwk  # type: ignore[import-untyped]
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser import check_page, chromium, context
-from tests.certs import self_signed
+from tests.certs import ca_sign, self_signed
 from tests.daemon import Daemon, StaticServer, running
 
 HOSTILE_REASON = '<script>alert("reason")</script><b>leaked</b> & more'
@@ -85,20 +84,6 @@ def sign_in(page: Page, token: str) -> None:
 def active_kid(page: Page, purpose: str) -> str:
     card = page.locator(f"section[aria-labelledby='purpose-{purpose}']")
     return card.locator("dl.facts code.kid").first.inner_text()
-
-
-def ca_sign(csr_pem: bytes) -> tuple[bytes, str]:
-    """A CA's certificate for the CSR (397 days), and the CA's name."""
-    csr = x509.load_pem_x509_csr(csr_pem)
-    ca_key = rsa.generate_private_key(65537, 2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Console Test CA")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca_name)
-            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=397))
-            .sign(ca_key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM), "Console Test CA"
 
 
 def test_an_admin_signs_in_sees_every_kid_rotates_revokes_uploads_and_signs_out(

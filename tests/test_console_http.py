@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from keyd.console.web import CSP
+from tests.certs import ca_sign
 from tests.daemon import REPO, Daemon, keyd, running
 
 PAGES = ["/console/", "/console/timeline", "/console/timeline?days=30",
@@ -244,3 +245,39 @@ def test_every_template_and_static_file_is_package_data() -> None:
     assert all(any(Path(f).match(g) for g in globs) for f in files), (files, globs)
     dependencies = " ".join(data["project"]["dependencies"])
     assert "jinja2" in dependencies and "python-multipart" in dependencies
+
+
+def test_production_keys_get_their_certificate_through_the_console(tmp_path: Path) -> None:
+    """Production: keys wait for a CA; CSR out, pasted PEM in, and the key is active."""
+    with running(tmp_path, {"keyd": {"mode": "production"},
+                            "lifecycle.transport": {"enabled": False},
+                            "lifecycle.encryption": {"enabled": False}}) as daemon:
+        with signed_in(daemon) as client:
+            overview = client.get("/console/")
+            assert "Awaiting a certificate" in overview.text
+            assert "Readiness: not ready" in overview.text
+            provisional = re.search(r'<code class="kid">(kv_[0-9a-f]+)</code> <span class="tag">'
+                                    r'provisional id', overview.text)
+            assert provisional, "no key awaiting its certificate"
+            key_id = provisional.group(1)
+            csr = client.post(f"/console/keys/{key_id}/csr",
+                              data={"csrf": client.headers["x-csrf"]})
+            assert csr.headers["content-disposition"] == \
+                f'attachment; filename="{key_id}.csr.pem"'
+            cert_pem, ca = ca_sign(csr.content)
+            both = client.post(f"/console/keys/{key_id}/certificate",
+                               data={"csrf": client.headers["x-csrf"], "pem": cert_pem.decode()},
+                               files={"file": ("c.pem", cert_pem)})
+            assert both.status_code == 400  # a file or a paste, not both
+            imported = client.post(f"/console/keys/{key_id}/certificate",
+                                   data={"csrf": client.headers["x-csrf"],
+                                         "pem": cert_pem.decode()},
+                                   files={"file": ("", b"")})
+            assert imported.status_code == 303, imported.text
+            after = client.get("/console/")
+            assert "Readiness: ready" in after.text and f"CN={ca}" in after.text
+            assert "Certificate imported for signing key" in after.text
+            wrong = client.post(f"/console/keys/{key_id}/certificate",
+                                data={"csrf": client.headers["x-csrf"], "pem": "garbage"},
+                                files={"file": ("", b"")})
+            assert wrong.status_code == 400 and "That did not work" in wrong.text
