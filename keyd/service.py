@@ -718,6 +718,8 @@ class KeyService:
 
     def revoke_client(self, name: str, *, actor: str) -> None:
         """Revoke a client: its token is refused from now on (401)."""
+        if not 1 <= len(name) <= 64 or "\x00" in name:  # no client has such a name
+            raise NotFound(f"no client {name[:64]!r}")
         with self.store.session("revoke client", write=True) as session:
             client = queries.client_by_name(session, name)
             if client is None:

@@ -56,8 +56,10 @@ class Watch:
 
 
 @contextmanager
-def context(browser: Browser, origin: str) -> Iterator[tuple[BrowserContext, Page, Watch]]:
+def context(browser: Browser, origin: str, *, javascript: bool = True
+            ) -> Iterator[tuple[BrowserContext, Page, Watch]]:
     ctx = browser.new_context(base_url=origin, accept_downloads=True,
+                              java_script_enabled=javascript,
                               viewport={"width": 1280, "height": 900})
     watch = Watch(origin)
     ctx.on("request", lambda request: watch.requests.append(request.url))

@@ -248,3 +248,21 @@ def test_a_post_without_its_csrf_token_is_refused(daemon: Daemon, browser: Brows
         page.goto("/console/audit?action=console.rotate")
         expect(page.locator("table.audit tbody tr")).to_have_count(2)
         expect(page.locator("table.audit").get_by_text("refused").first).to_be_visible()
+
+
+def test_the_console_works_without_javascript(daemon: Daemon, browser: Browser) -> None:
+    with context(browser, daemon.api_url, javascript=False) as (ctx, page, watch):
+        sign_in(page, daemon.admin_token)
+        expect(page.locator(".flash")).to_contain_text("Signed in")
+        for link, heading in (("Timeline", "Timeline"), ("Counterparties", "Counterparties"),
+                              ("Audit", "Audit log"), ("Clients", "Clients"),
+                              ("Overview", "Overview")):
+            page.get_by_role("link", name=link, exact=True).click()
+            expect(page.get_by_role("heading", level=1)).to_have_text(heading)
+        page.get_by_role("link", name="Clients", exact=True).click()
+        page.get_by_label("Name").fill("no-script")
+        page.get_by_role("button", name="Add client").click()
+        assert page.get_by_label("Bearer token").input_value().startswith("keyd_")
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Signed out")).to_be_visible()
+        assert watch.foreign() == []
