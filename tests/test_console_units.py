@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from keyd.clock import SettableClock
 from keyd.console import timeline
-from keyd.console.app import _environment, duration, relative
+from keyd.console.render import duration, environment, relative
 from keyd.console.sessions import ABSOLUTE, IDLE, MAX_SESSIONS, SessionStore, same_secret
 from keyd.console.views import KeyRow, shape_readiness
 from keyd.model import KeyState, Purpose
@@ -145,7 +145,7 @@ def test_a_fixed_window_clips_spans_to_its_edges() -> None:
 
 
 def test_templates_escape_every_value() -> None:
-    template = _environment().from_string("<p>{{ value }}</p>")
+    template = environment().from_string("<p>{{ value }}</p>")
     assert template.render(value="<b>x</b>&") == "<p>&lt;b&gt;x&lt;/b&gt;&amp;</p>"
 
 
