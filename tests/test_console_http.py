@@ -281,3 +281,20 @@ def test_production_keys_get_their_certificate_through_the_console(tmp_path: Pat
                                 data={"csrf": client.headers["x-csrf"], "pem": "garbage"},
                                 files={"file": ("", b"")})
             assert wrong.status_code == 400 and "That did not work" in wrong.text
+
+
+def test_upload_is_offered_only_where_a_certificate_can_be_imported(daemon: Daemon) -> None:
+    """Default kid scheme x5t#S256: a new certificate would change a published kid,
+    so a published key gets no upload button (the form still refuses, with why)."""
+    with signed_in(daemon) as client:
+        overview = client.get("/console/")
+        assert "Download CSR" in overview.text and "Upload certificate" not in overview.text
+        with daemon.client(daemon.admin_token) as api:
+            kid = next(k["kid"] for k in api.get("/v1/keys").json()["keys"]
+                       if k["purpose"] == "signing" and k["state"] == "active")
+        csr = client.post(f"/console/keys/{kid}/csr", data={"csrf": client.headers["x-csrf"]})
+        cert_pem, _ = ca_sign(csr.content)
+        refused = client.post(f"/console/keys/{kid}/certificate",
+                              data={"csrf": client.headers["x-csrf"],
+                                    "pem": cert_pem.decode()})
+        assert refused.status_code == 409 and "cannot change" in refused.text

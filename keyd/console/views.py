@@ -21,7 +21,7 @@ from keyd.audit import AuditRecord
 from keyd.clock import utc
 from keyd.errors import KeydError
 from keyd.issuers import IssuerKeys
-from keyd.model import KeyState, Purpose
+from keyd.model import KeyState, KidScheme, Purpose
 from keyd.service import ClientInfo, KeyService
 from keyd.store import queries
 from keyd.store.tables import AuditEventRow
@@ -59,6 +59,7 @@ class KeyRow:
     destroy_after: datetime | None = None
     revoked_reason: str | None = None
     has_csr: bool = False
+    takes_certificate: bool = False  # an upload can succeed (see _takes_certificate)
 
 
 @dataclass
@@ -111,8 +112,23 @@ def key_rows(service: KeyService) -> list[KeyRow]:
                 destroy_after=_utc(key.destroy_after),
                 revoked_reason=key.revoked_reason,
                 has_csr=key.csr_pem is not None,
+                takes_certificate=_takes_certificate(state, service.settings.keyd.kid),
             ))
     return rows
+
+
+def _takes_certificate(state: KeyState, scheme: KidScheme) -> bool:
+    """Can a certificate be imported for a key in ``state``?
+
+    A key awaiting its certificate, always.  A published key only when its
+    kid does not come from the certificate (an RFC 7638 thumbprint of the key):
+    under x5t#S256 a new certificate would change a kid verifiers have cached,
+    which keyd refuses.
+    """
+    if state is KeyState.AWAITING_CERTIFICATE:
+        return True
+    return state in (KeyState.PENDING, KeyState.ACTIVE) and scheme in (KidScheme.RFC7638,
+                                                                        KidScheme.OB_UK)
 
 
 def overview(service: KeyService, rows: list[KeyRow]) -> list[PurposeView]:

@@ -1,0 +1,433 @@
+"""The audit log: a hash chain in the database, written before results go out.
+
+Every row carries ``hash = sha256(prev_hash || canonical_json(fields))``, the
+first row chaining from 64 zeros.  Editing, deleting or reordering any row
+breaks the chain at that row, which ``verify()`` reports.  (Cutting rows off
+the *end* leaves a shorter valid chain; exporting the latest hash elsewhere
+is what detects that.)
+
+Appends are serialised so the chain never forks: within a process by one
+writer thread, across processes (the daemon and the CLI) by a database lock
+taken inside the appending transaction: ``BEGIN IMMEDIATE`` on SQLite,
+``pg_advisory_xact_lock`` on PostgreSQL.  Under that lock the writer reads
+the last row, then inserts after it.
+
+Fail closed: ``record()`` returns only once the event is committed (SQLite
+synchronous=FULL, so on disk).  If it cannot be written, ``record()`` raises
+``StoreUnavailable`` and the caller must not hand out the result it was
+about to return.
+
+Speed: the sign path records one event per signature.  Rather than one
+transaction (and one fsync) per event, ``record()`` queues the event and
+waits; the writer commits everything queued so far as one batch (group
+commit), then wakes each waiter, or gives each ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import Connection, insert, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, select
+
+from keyd.clock import Clock, utc
+from keyd.errors import StoreUnavailable
+from keyd.store.db import AUDIT_LOCK, Store, store_error
+from keyd.store.tables import AuditEventRow
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+OUTCOMES = frozenset({"ok", "refused", "error"})
+MAX_BATCH = 2000  # events per group commit
+MAX_DETAIL_STRING = 512  # longer strings are cut: a log is no place for a document
+WAIT_TIMEOUT = 30.0  # seconds record() waits for its batch before failing closed
+
+# Detail keys that name secret material.  The detail goes to admins and
+# exports; a payload, token, PIN or private key member in it would be a
+# leak, so such a key is a programming error (ValueError), found in tests.
+_SECRET_WORDS = frozenset({
+    "token", "tokens", "secret", "secrets", "pin", "password", "passwd", "passphrase",
+    "payload", "plaintext", "credential", "credentials", "assertion", "bearer",
+    "authorization", "cookie", "private", "privkey", "master", "jwt", "jws", "jwe",
+})
+# JWK private members (RFC 7518 6.3.2, 6.4): whole key names only.
+_SECRET_NAMES = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def payload_hash(data: bytes) -> str:
+    """Hex SHA-256 of a payload: proves which bytes an action touched, without them."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    actor: str
+    action: str
+    kid: str | None = None
+    purpose: str | None = None
+    outcome: str = "ok"
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    payload_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One stored event, as read back."""
+
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    kid: str | None
+    purpose: str | None
+    outcome: str
+    detail: dict[str, Any]
+    payload_hash: str | None
+    prev_hash: str
+    hash: str
+
+
+class _Pending:
+    """An event on its way into the chain, and the waiter's wake-up call."""
+
+    __slots__ = ("values", "done", "error")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        # A held lock the writer releases: a cheaper wake-up than an Event.
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.error: str | None = None
+
+
+class AuditLog:
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        self._conn: Connection | None = None  # the writer thread's own
+
+    # ------------------------------------------------------------------ writing
+
+    def record(self, event: AuditEvent) -> None:
+        """Append `event`; durable when this returns, else StoreUnavailable.
+
+        Called inside an open ``store.session()`` on this thread, the event
+        joins that transaction instead: it commits, or rolls back, together
+        with the change it describes.  (Waiting for the writer there could
+        deadlock on SQLite, where the caller's transaction holds the lock.)
+        """
+        pending = _Pending(self._prepare(event))
+        session = self._store.active_session()
+        if session is not None:
+            try:
+                _append(self._store, session.connection(), [pending.values])
+            except SQLAlchemyError as e:
+                raise store_error(e, f"audit append ({event.action})") from e
+            return
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable(f"audit log is closed; {event.action} not recorded")
+            self._start_writer()
+            self._queue.put(pending)
+        if not pending.done.acquire(timeout=WAIT_TIMEOUT):
+            raise StoreUnavailable(
+                f"audit log not written within {WAIT_TIMEOUT:.0f}s ({event.action})"
+            )
+        if pending.error is not None:
+            raise StoreUnavailable(pending.error)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer.  Later record() calls fail."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+            if writer is not None:
+                self._queue.put(None)
+        if writer is not None:
+            writer.join()
+
+    def _prepare(self, event: AuditEvent) -> dict[str, Any]:
+        if event.outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome {event.outcome!r} is not one of {sorted(OUTCOMES)}")
+        detail = _clean(event.detail, "detail")
+        return {
+            "at": utc(self._clock.now()),
+            "actor": event.actor,
+            "action": event.action,
+            "kid": event.kid,
+            "purpose": event.purpose,
+            "outcome": event.outcome,
+            "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"), allow_nan=False),
+            "payload_hash": event.payload_hash,
+        }
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._run, name="keyd-audit-writer", daemon=True
+            )
+            self._writer.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._disconnect()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            # Let threads woken by the last batch queue their next event first.
+            time.sleep(0)
+            batch = [first]
+            # Everything that queued while the last batch was committing goes
+            # into this one: one transaction, one fsync for all of them.
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: builtins.list[_Pending]) -> None:
+        error: str | None = None
+        try:
+            # One connection kept for the writer's life: no pool checkout (and
+            # no PostgreSQL pre-ping round trip) per batch.
+            if self._conn is None:
+                self._conn = self._store.connect(write=True)
+            with self._conn.begin():
+                _append(self._store, self._conn, [p.values for p in batch])
+        except SQLAlchemyError as e:
+            self._disconnect(broken=True)  # a fresh connection for the next batch
+            error = str(store_error(e, "audit append"))
+        except Exception as e:  # noqa: BLE001 - every waiter must wake, whatever broke
+            self._disconnect(broken=True)
+            log.exception("audit writer failed")
+            error = f"audit log not written: {type(e).__name__}: {e}"
+        for p in batch:
+            p.error = error
+            p.done.release()
+
+    def _disconnect(self, *, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if broken:
+                conn.invalidate()  # not back into the pool: it may be dead
+            conn.close()
+        except SQLAlchemyError:
+            log.warning("audit writer: closing its database connection failed")
+
+    # ------------------------------------------------------------------ reading
+
+    def verify(self) -> int | None:
+        """None when the chain is whole, else the seq of the first broken row."""
+        prev, expected, after = GENESIS, 1, 0
+        while True:
+            with self._store.session("audit verify") as session:
+                rows = session.exec(
+                    select(AuditEventRow)
+                    .where(col(AuditEventRow.seq) > after)
+                    .order_by(col(AuditEventRow.seq))
+                    .limit(5000)
+                ).all()
+            if not rows:
+                return None
+            for row in rows:
+                # A gap (a deleted row) or an edited row shows up here: the
+                # seq, the link to the row before, or the row's own hash.
+                if row.seq != expected or row.prev_hash != prev or _hash_row(row) != row.hash:
+                    return row.seq
+                prev, expected = row.hash, row.seq + 1
+            after = rows[-1].seq
+
+    def list(
+        self,
+        *,
+        since: datetime | None = None,
+        action: str | None = None,
+        kid: str | None = None,
+        actor: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[AuditRecord]:
+        """Events in seq order: the first `limit` from `since`, else the latest `limit`."""
+        limit = max(1, min(limit, 10_000))
+        query = select(AuditEventRow)
+        if since is not None:
+            query = query.where(col(AuditEventRow.at) >= since)
+        if action is not None:
+            query = query.where(AuditEventRow.action == action)
+        if kid is not None:
+            query = query.where(AuditEventRow.kid == kid)
+        if actor is not None:
+            query = query.where(AuditEventRow.actor == actor)
+        seq = col(AuditEventRow.seq)
+        query = query.order_by(seq if since is not None else seq.desc()).limit(limit)
+        with self._store.session("audit read") as session:
+            rows = builtins.list(session.exec(query).all())
+        if since is None:
+            rows.reverse()
+        return [_record(r) for r in rows]
+
+    def page(
+        self,
+        *,
+        before: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        action: str | None = None,
+        kid: str | None = None,
+        actor: str | None = None,
+        limit: int = 50,
+    ) -> builtins.list[AuditRecord]:
+        """Newest first: up to `limit` events with seq < `before`, filtered (the console)."""
+        limit = max(1, min(limit, 1000))
+        query = select(AuditEventRow)
+        if before is not None:
+            query = query.where(col(AuditEventRow.seq) < before)
+        if since is not None:
+            query = query.where(col(AuditEventRow.at) >= since)
+        if until is not None:
+            query = query.where(col(AuditEventRow.at) < until)
+        if action is not None:
+            query = query.where(AuditEventRow.action == action)
+        if kid is not None:
+            query = query.where(AuditEventRow.kid == kid)
+        if actor is not None:
+            query = query.where(AuditEventRow.actor == actor)
+        query = query.order_by(col(AuditEventRow.seq).desc()).limit(limit)
+        with self._store.session("audit read") as session:
+            return [_record(r) for r in session.exec(query).all()]
+
+
+# ---------------------------------------------------------------------- the chain
+
+
+def _append(store: Store, conn: Connection, events: builtins.list[dict[str, Any]]) -> None:
+    """Link `events` after the last row, inside `conn`'s transaction."""
+    if store.dialect == "postgresql":
+        # Held to the end of the transaction: one appender at a time, in
+        # every process.  (SQLite: the session began with BEGIN IMMEDIATE,
+        # or already holds the write lock through the caller's writes.)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
+    last = conn.execute(
+        select(col(AuditEventRow.seq), col(AuditEventRow.hash))
+        .order_by(col(AuditEventRow.seq).desc())
+        .limit(1)
+    ).first()
+    seq, prev = (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
+    rows = []
+    for values in events:
+        seq += 1
+        digest = _chain_hash(prev, seq, **values)
+        rows.append({**values, "seq": seq, "prev_hash": prev, "hash": digest})
+        prev = digest
+    conn.execute(insert(AuditEventRow), rows)
+
+
+def _chain_hash(
+    prev_hash: str,
+    seq: int,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    kid: str | None,
+    purpose: str | None,
+    outcome: str,
+    detail: str,
+    payload_hash: str | None,
+) -> str:
+    # A JSON array has one encoding here (fixed order, no spaces, ASCII), and
+    # the detail goes in as the exact stored text, so any edit changes the hash.
+    body = json.dumps(
+        [seq, utc(at).isoformat(timespec="microseconds"), actor, action, kid, purpose,
+         outcome, detail, payload_hash],
+        ensure_ascii=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def _hash_row(row: AuditEventRow) -> str:
+    return _chain_hash(
+        row.prev_hash, row.seq, at=row.at, actor=row.actor, action=row.action, kid=row.kid,
+        purpose=row.purpose, outcome=row.outcome, detail=row.detail,
+        payload_hash=row.payload_hash,
+    )
+
+
+def _record(row: AuditEventRow) -> AuditRecord:
+    detail = json.loads(row.detail)
+    return AuditRecord(
+        seq=row.seq, at=row.at, actor=row.actor, action=row.action, kid=row.kid,
+        purpose=row.purpose, outcome=row.outcome,
+        detail=detail if isinstance(detail, dict) else {"value": detail},
+        payload_hash=row.payload_hash, prev_hash=row.prev_hash, hash=row.hash,
+    )
+
+
+# ---------------------------------------------------------------------- detail guard
+
+
+def _words(name: str) -> builtins.list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def _clean(value: Any, where: str) -> Any:
+    """A JSON-safe copy of `value`; refuses keys that name secret material."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"audit {where}: key {key!r} is not a string")
+            if key.lower() in _SECRET_NAMES or _SECRET_WORDS.intersection(_words(key)):
+                raise ValueError(
+                    f"audit {where}: key {key!r} names secret material; "
+                    "payloads, tokens and key material never go into the audit log"
+                )
+            out[key] = _clean(item, f"{where}.{key}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_clean(item, f"{where}[]") for item in value]
+    if isinstance(value, Enum):
+        return _clean(value.value, where)
+    if isinstance(value, datetime):
+        return utc(value).isoformat()
+    if isinstance(value, str):
+        if len(value) > MAX_DETAIL_STRING:
+            return value[:MAX_DETAIL_STRING] + "...(truncated)"
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    raise ValueError(f"audit {where}: {type(value).__name__} is not a JSON value")

@@ -1,0 +1,457 @@
+"""The ``vault`` backend: RSA keys held by a Vault / OpenBao transit engine.
+
+Signing and encryption keys are created non-exportable, so the private halves
+never leave Vault; keyd only ever sees public keys, signatures and decrypted
+content keys.  Transport keys are exportable only when the config asks for a
+deployable TLS key.
+
+Faults (THREATS "Faults"): a sealed, unreachable or slow Vault and a revoked
+token all become :class:`BackendUnavailable` within ``timeout`` seconds, so the
+API answers 503 + Retry-After.  There is never a fallback key.  Nothing is
+cached that would stop a request from working once Vault is back: every call
+goes to Vault again over a pooled session, so service resumes without a restart.
+
+Limitation, by design of transit: RSA decryption is OAEP with SHA-256 only
+(transit has no hash parameter on ``decrypt``), so a vault deployment accepts
+``RSA-OAEP-256`` JWEs and refuses ``RSA-OAEP`` (SHA-1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import hvac  # type: ignore[import-untyped]
+import hvac.exceptions  # type: ignore[import-untyped]
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyd.backends.base import Capabilities, GeneratedKey
+from keyd.config import Secret, Settings, VaultBackendSettings, read_secret
+from keyd.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DecryptionFailed,
+    KeydError,
+    KeyNotFound,
+)
+from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
+
+T = TypeVar("T")
+
+
+class UnsupportedOaepHash(BackendError):
+    """An RSA-OAEP (SHA-1) JWE sent to a vault deployment.
+
+    The sender chose a key-management algorithm transit cannot undo; keyd is
+    not failing, so this is a 4xx refusal of the token (like any other
+    off-profile JWE), not a 500.  It depends on the header alone, never on the
+    ciphertext, so it is no decryption oracle.
+    """
+
+    code = "invalid_token"
+    status = 422
+
+# Transit's own name rule (framework.GenericNameRegex).  Checking it here means
+# a hostile ref ("../../sys/seal") is never spliced into a request path.
+_SAFE_NAME = re.compile(r"^\w([\w.-]*\w)?$", re.ASCII)
+_SAFE_MOUNT = re.compile(r"^\w[\w-]*(/\w[\w-]*)*$", re.ASCII)
+_SCHEMES = {SignScheme.PSS_SHA256: "pss", SignScheme.PKCS1V15_SHA256: "pkcs1v15"}
+_APPROLE_MOUNT = "approle"
+# An AppRole token closer than this to its end is replaced by a fresh login.
+_MIN_TTL_AFTER_RENEW = 120
+
+
+class VaultBackend:
+    """keyd's Backend protocol over transit, through hvac.
+
+    Thread-safe: one hvac client over one pooled ``requests.Session`` serves
+    every API thread (hvac keeps no per-request state on the client; the token
+    is read per request).  Re-login is serialised by a lock and done once even
+    when many threads see the same revoked token.
+    """
+
+    def __init__(
+        self, settings: VaultBackendSettings, *, approle_mount: str = _APPROLE_MOUNT
+    ) -> None:
+        if not _SAFE_MOUNT.match(settings.mount):
+            raise ConfigError(f"[backend.vault] mount: {settings.mount!r} is not a mount path")
+        if settings.key_prefix and not _SAFE_NAME.match(settings.key_prefix + "x"):
+            raise ConfigError(
+                f"[backend.vault] key_prefix: {settings.key_prefix!r} may hold only "
+                "letters, digits, '_', '-' and '.'"
+            )
+        if settings.auth == "approle" and not settings.role_id:
+            raise ConfigError("[backend.vault] role_id is required when auth = \"approle\"")
+        self._settings = settings
+        self._addr = settings.addr.rstrip("/")
+        self._approle_mount = approle_mount
+        self.capabilities = Capabilities(
+            oaep_hashes=frozenset({OaepHash.SHA256}), exports_private_keys=True, name="vault"
+        )
+        session = requests.Session()
+        # No retries inside requests: an outage must surface within `timeout`,
+        # and the API's Retry-After tells callers when to come back.
+        pool = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=32, max_retries=0)
+        session.mount("http://", pool)
+        session.mount("https://", pool)
+        self._session = session
+        self._client = hvac.Client(
+            url=self._addr,
+            timeout=settings.timeout,
+            session=session,
+            namespace=settings.namespace or None,
+        )
+        self._login_lock = threading.Lock()
+        self._public: dict[str, tuple[int, rsa.RSAPublicKey]] = {}
+        if settings.auth == "token":
+            self._client.token = self._read_token().reveal().decode()
+
+    # ------------------------------------------------------------------ auth
+
+    def _read_token(self) -> Secret:
+        token = read_secret(self._settings.token_file, "VAULT_TOKEN", "vault-token")
+        if token is None:
+            raise ConfigError(
+                "[backend.vault] no token: set token_file, $VAULT_TOKEN or the "
+                "systemd credential vault-token"
+            )
+        return token
+
+    def _read_secret_id(self) -> Secret:
+        secret_id = read_secret(self._settings.secret_id_file, "VAULT_SECRET_ID", "vault-secret-id")
+        if secret_id is None:
+            raise ConfigError(
+                "[backend.vault] no AppRole secret id: set secret_id_file, "
+                "$VAULT_SECRET_ID or the systemd credential vault-secret-id"
+            )
+        return secret_id
+
+    def _login(self, stale: str | None) -> None:
+        """AppRole login, unless another thread already replaced ``stale``."""
+        with self._login_lock:
+            if self._client.token and self._client.token != stale:
+                return
+            # Read the secret id again each time: an operator may have rotated it.
+            secret_id = self._read_secret_id().reveal().decode()
+            try:
+                answer = self._client.auth.approle.login(
+                    role_id=self._settings.role_id,
+                    secret_id=secret_id,
+                    use_token=False,
+                    mount_point=self._approle_mount,
+                )
+            except hvac.exceptions.VaultError as e:
+                raise self._outage("AppRole login", e) from e
+            except requests.RequestException as e:
+                raise self._unreachable(e) from e
+            self._client.token = answer["auth"]["client_token"]
+
+    def renew(self) -> None:
+        """Renew our token (the scheduler calls this); AppRole logs in again on failure."""
+        if self._settings.auth == "token":
+            try:
+                info = self._call("token lookup", lambda c: c.auth.token.lookup_self())
+                if info["data"].get("renewable"):
+                    self._call("token renewal", lambda c: c.auth.token.renew_self())
+            except hvac.exceptions.VaultError as e:
+                raise self._outage("token renewal", e) from e
+            return  # a non-renewable token (e.g. a root token) has nothing to renew
+        stale = self._client.token
+        try:
+            answer = self._client.auth.token.renew_self()
+            if int(answer["auth"]["lease_duration"]) >= _MIN_TTL_AFTER_RENEW:
+                return
+        except (hvac.exceptions.VaultError, requests.RequestException, KeyError, TypeError):
+            pass  # renewal failed or the token is near its max TTL: log in afresh
+        self._login(stale=stale)
+
+    # --------------------------------------------------------------- calling
+
+    def _unreachable(self, e: requests.RequestException) -> BackendUnavailable:
+        if isinstance(e, requests.Timeout):
+            return BackendUnavailable(
+                f"vault: no answer from {self._addr} within {self._settings.timeout:g} s",
+                retry_after=2,
+            )
+        return BackendUnavailable(
+            f"vault: unreachable at {self._addr} ({type(e).__name__})", retry_after=2
+        )
+
+    def _outage(self, what: str, e: hvac.exceptions.VaultError) -> KeydError:
+        errors = "; ".join(str(x).strip() for x in (e.errors or [])) or type(e).__name__
+        if isinstance(e, hvac.exceptions.VaultDown | hvac.exceptions.VaultNotInitialized):
+            if "sealed" in errors.lower():
+                return BackendUnavailable(f"vault: sealed at {self._addr}", retry_after=5)
+            return BackendUnavailable(f"vault: unavailable at {self._addr}: {errors}")
+        if isinstance(e, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
+            return BackendUnavailable(
+                f"vault: permission denied at {self._addr} for {what} "
+                "(token revoked or expired, or the policy lacks this path)",
+                retry_after=5,
+            )
+        if isinstance(e, hvac.exceptions.RateLimitExceeded):
+            return BackendUnavailable(f"vault: rate limited at {self._addr}", retry_after=1)
+        if isinstance(
+            e,
+            hvac.exceptions.InternalServerError
+            | hvac.exceptions.BadGateway
+            | hvac.exceptions.UnexpectedError,
+        ):
+            return BackendUnavailable(f"vault: {what} failed at {self._addr}: {errors}")
+        return BackendError(f"vault: {what} refused: {errors}")
+
+    def _call(self, what: str, op: Callable[[Any], T]) -> T:
+        """Run ``op`` on the client, mapping outages; AppRole re-logs in once on a 403.
+
+        Other Vault refusals (404, 400, 500) propagate as hvac errors for the
+        caller to map to KeyNotFound / DecryptionFailed; every public method
+        ends in :meth:`_refused`, so none escapes the module.
+        """
+        for attempt in (1, 2):
+            if self._settings.auth == "approle" and not self._client.token:
+                self._login(stale=None)
+            token = self._client.token
+            try:
+                return op(self._client)
+            except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as e:
+                if self._settings.auth == "approle" and attempt == 1:
+                    self._login(stale=token)
+                    continue
+                raise self._outage(what, e) from e
+            except (
+                hvac.exceptions.VaultDown,
+                hvac.exceptions.VaultNotInitialized,
+                hvac.exceptions.RateLimitExceeded,
+                hvac.exceptions.BadGateway,
+            ) as e:
+                raise self._outage(what, e) from e
+            except requests.RequestException as e:
+                raise self._unreachable(e) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> KeydError:
+        """A Vault refusal of an operation on one key, as a keyd error."""
+        errors = " ".join(str(x) for x in (e.errors or [])).lower()
+        # Transit words "no such key" differently per path; 404 or either phrase.
+        if isinstance(e, hvac.exceptions.InvalidPath) or any(
+            phrase in errors for phrase in ("not found", "no existing key")
+        ):
+            return KeyNotFound(f"vault: no key {ref!r} in mount {self._settings.mount!r}")
+        return self._outage(what, e)
+
+    def _name(self, ref: str) -> str:
+        if not _SAFE_NAME.match(ref):
+            raise KeyNotFound(f"vault: {ref!r} is not a transit key name")
+        return ref
+
+    # --------------------------------------------------------------- protocol
+
+    def check(self) -> None:
+        try:
+            health = self._client.sys.read_health_status(
+                method="GET", standby_ok=True, sealed_code=200, uninit_code=200
+            )
+        except requests.RequestException as e:
+            raise self._unreachable(e) from e
+        except hvac.exceptions.VaultError as e:
+            raise self._outage("health check", e) from e
+        if not isinstance(health, dict):
+            raise BackendUnavailable(f"vault: unexpected health answer from {self._addr}")
+        if not health.get("initialized", False):
+            raise BackendUnavailable(f"vault: not initialised at {self._addr}")
+        if health.get("sealed", True):
+            raise BackendUnavailable(f"vault: sealed at {self._addr}", retry_after=5)
+        try:
+            self._call("token lookup", lambda c: c.auth.token.lookup_self())
+        except hvac.exceptions.VaultError as e:
+            raise self._outage("token lookup", e) from e
+
+    def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
+        if size not in ALLOWED_KEY_SIZES:
+            raise BackendError(f"vault: RSA key size {size} is not one of {ALLOWED_KEY_SIZES}")
+        if exportable and purpose is not Purpose.TRANSPORT:
+            # Signing and encryption keys never leave transit (SPEC "Backends").
+            raise BackendError(f"vault: a {purpose.value} key is never exportable")
+        ref = f"{self._settings.key_prefix}{purpose.value}-{secrets.token_hex(8)}"
+        try:
+            self._call(
+                "key creation",
+                lambda c: c.secrets.transit.create_key(
+                    ref,
+                    key_type=f"rsa-{size}",
+                    exportable=exportable,
+                    allow_plaintext_backup=False,
+                    mount_point=self._settings.mount,
+                ),
+            )
+        except hvac.exceptions.VaultError as e:
+            raise self._refused("key creation", ref, e) from e
+        return GeneratedKey(ref=ref, public_key=self.public_key(ref))
+
+    def _latest(self, ref: str) -> tuple[int, rsa.RSAPublicKey]:
+        """The key's latest version and its public key (cached: both are immutable)."""
+        if (hit := self._public.get(ref)) is not None:
+            return hit
+        name = self._name(ref)
+        try:
+            answer = self._call(
+                "key read",
+                lambda c: c.secrets.transit.read_key(name, mount_point=self._settings.mount),
+            )
+        except hvac.exceptions.VaultError as e:
+            raise self._refused("key read", ref, e) from e
+        try:
+            version = int(answer["data"]["latest_version"])
+            pem = answer["data"]["keys"][str(version)]["public_key"].encode()
+            public = serialization.load_pem_public_key(pem)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BackendError(f"vault: key {ref!r} has no RSA public key") from e
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise BackendError(f"vault: key {ref!r} is not an RSA key")
+        self._public[ref] = (version, public)
+        return version, public
+
+    def public_key(self, ref: str) -> rsa.RSAPublicKey:
+        return self._latest(ref)[1]
+
+    def sign(self, ref: str, data: bytes, scheme: SignScheme) -> bytes:
+        name = self._name(ref)
+        # Send the SHA-256 digest (prehashed) so a large payload costs a small
+        # request; transit signs the digest exactly as it would the message.
+        digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        extra = {"salt_length": "hash"} if scheme is SignScheme.PSS_SHA256 else {}
+        try:
+            answer = self._call(
+                "sign",
+                lambda c: c.secrets.transit.sign_data(
+                    name,
+                    hash_input=digest,
+                    hash_algorithm="sha2-256",
+                    prehashed=True,
+                    signature_algorithm=_SCHEMES[scheme],
+                    mount_point=self._settings.mount,
+                    # JWS PS256 needs a 32-byte salt; transit's default ("auto")
+                    # makes it as long as possible, which strict verifiers refuse.
+                    **extra,
+                ),
+            )
+        except hvac.exceptions.VaultError as e:
+            raise self._refused("sign", ref, e) from e
+        try:
+            return base64.b64decode(answer["data"]["signature"].split(":", 2)[2], validate=True)
+        except (KeyError, TypeError, IndexError, binascii.Error) as e:
+            raise BackendError(f"vault: malformed signature for key {ref!r}") from e
+
+    def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+        if oaep_hash not in self.capabilities.oaep_hashes:
+            raise UnsupportedOaepHash(
+                f"vault: transit decrypts RSA-OAEP with SHA-256 only; {oaep_hash.jwe_alg} "
+                "(OAEP with SHA-1) cannot be decrypted by a vault backend: "
+                "encrypt to this key with RSA-OAEP-256"
+            )
+        version, _ = self._latest(ref)
+        wrapped = f"vault:v{version}:{base64.b64encode(ciphertext).decode()}"
+        try:
+            answer = self._call(
+                "decrypt",
+                lambda c: c.secrets.transit.decrypt_data(
+                    ref, ciphertext=wrapped, mount_point=self._settings.mount
+                ),
+            )
+        except hvac.exceptions.InvalidPath as e:
+            raise self._refused("decrypt", ref, e) from e
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InternalServerError) as e:
+            # Transit answers 400/500 for every bad ciphertext; one error for
+            # all of them, so there is no oracle (THREATS "tampering").
+            errors = " ".join(str(x) for x in (e.errors or []))
+            if "key not found" in errors:
+                raise self._refused("decrypt", ref, e) from e
+            if isinstance(e, hvac.exceptions.InternalServerError) and "decrypt" not in errors:
+                raise self._outage("decrypt", e) from e  # Vault itself is failing
+            raise DecryptionFailed() from e
+        except hvac.exceptions.VaultError as e:
+            raise self._refused("decrypt", ref, e) from e
+        try:
+            return base64.b64decode(answer["data"]["plaintext"], validate=True)
+        except (KeyError, TypeError, binascii.Error) as e:
+            raise BackendError(f"vault: malformed plaintext for key {ref!r}") from e
+
+    def export_private_key_pem(self, ref: str) -> bytes:
+        name = self._name(ref)
+        try:
+            answer = self._call(
+                "export",
+                lambda c: c.secrets.transit.export_key(
+                    name, key_type="encryption-key", mount_point=self._settings.mount
+                ),
+            )
+        except hvac.exceptions.InvalidRequest as e:
+            if "not exportable" in " ".join(str(x) for x in (e.errors or [])):
+                raise BackendError(f"vault: key {ref!r} is not exportable") from e
+            raise self._refused("export", ref, e) from e
+        except hvac.exceptions.VaultError as e:
+            raise self._refused("export", ref, e) from e
+        try:
+            versions = answer["data"]["keys"]
+            pem = versions[max(versions, key=int)].encode()
+            private = serialization.load_pem_private_key(pem, None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BackendError(f"vault: key {ref!r} exported no usable private key") from e
+        # Transit exports PKCS#1; the protocol promises PKCS#8.
+        return private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def destroy(self, ref: str) -> None:
+        if not _SAFE_NAME.match(ref):
+            return  # no such transit key can exist: nothing to destroy
+        self._public.pop(ref, None)
+        mount = self._settings.mount
+        try:
+            # Deletion is allowed only now, at destroy time, and for this key alone.
+            self._call(
+                "destroy",
+                lambda c: c.secrets.transit.update_key_configuration(
+                    ref, deletion_allowed=True, mount_point=mount
+                ),
+            )
+            self._call(
+                "destroy", lambda c: c.secrets.transit.delete_key(ref, mount_point=mount)
+            )
+        except hvac.exceptions.VaultError as e:
+            error = self._refused("destroy", ref, e)
+            if not isinstance(error, KeyNotFound):
+                raise error from e  # idempotent: an absent key is already destroyed
+
+    def list_refs(self) -> list[str]:
+        try:
+            answer = self._call(
+                "key listing",
+                lambda c: c.secrets.transit.list_keys(mount_point=self._settings.mount),
+            )
+        except hvac.exceptions.InvalidPath:
+            return []  # transit answers 404 for a mount without keys
+        except hvac.exceptions.VaultError as e:
+            raise self._outage("key listing", e) from e
+        names = answer["data"]["keys"] if isinstance(answer, dict) else []
+        prefix = self._settings.key_prefix
+        return sorted(n for n in names if isinstance(n, str) and n.startswith(prefix))
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def from_settings(settings: Settings) -> VaultBackend:
+    vault = settings.backend.vault
+    return VaultBackend(vault, approle_mount=vault.approle_mount)

@@ -1,0 +1,312 @@
+"""The `keyd` command: arguments in, a KeyService call, output out.
+
+Every failure is one line on standard error and a non-zero exit: 1 for an
+error keyd understood, 2 for a usage error, 70 for a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from keyd import config
+from keyd.errors import BackendUnavailable, KeydError
+from keyd.logs import setup_logging
+from keyd.model import Purpose
+from keyd.service import KeyInfo, KeyService
+
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 1, 2, 70
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"keyd: {message} (see `keyd --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="keyd", description="Key and certificate daemon for Open Finance.")
+    p.add_argument("--config", help="config file (default $KEYD_CONFIG, then ./config.toml)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("init", help="create the store and one key per enabled purpose")
+    sub.add_parser("serve", help="run the JWKS listener and the local API")
+    keys = sub.add_parser("keys", help="key versions").add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser)
+    kl = keys.add_parser("list", help="every key version")
+    kl.add_argument("--json", action="store_true")
+    sub.add_parser("jwks", help="print the public JWKS")
+    csr = sub.add_parser("csr", help="print a key's CSR (PEM)")
+    csr.add_argument("kid")
+    cert = sub.add_parser("cert", help="certificates").add_subparsers(
+        dest="cert_command", required=True, parser_class=_Parser)
+    ci = cert.add_parser("import", help="attach a CA-issued certificate chain to its key")
+    ci.add_argument("kid")
+    ci.add_argument("file", type=Path)
+    ci.add_argument("--kid", dest="assigned_kid", help="a directory-assigned kid to pin")
+    client = sub.add_parser("client", help="local API clients").add_subparsers(
+        dest="client_command", required=True, parser_class=_Parser)
+    ca = client.add_parser("add", help="add a client; prints its bearer token once")
+    ca.add_argument("name")
+    ca.add_argument("--policy", required=True)
+    ca.add_argument("--json", action="store_true")
+    rot = sub.add_parser("rotate", help="start a rotation of PURPOSE now")
+    rot.add_argument("purpose", choices=[p.value for p in Purpose])
+    rot.add_argument("--now", action="store_true",
+                     help="activate at once, skipping pre-publication: verifiers with a cached "
+                          "JWKS reject the new key's tokens until they refetch (emergencies)")
+    rev = sub.add_parser("revoke", help="revoke a key: out of the JWKS, refused at once")
+    rev.add_argument("kid")
+    rev.add_argument("--reason", required=True)
+    al = sub.add_parser("alerts", help="alert channels").add_subparsers(
+        dest="alerts_command", required=True, parser_class=_Parser)
+    al.add_parser("test", help="send a test alert to every configured channel")
+    st = sub.add_parser("status", help="expiries at a glance")
+    st.add_argument("--json", action="store_true")
+    audit = sub.add_parser("audit", help="the audit log")
+    audit.add_argument("audit_command", nargs="?", choices=["list", "verify"], default="list")
+    audit.add_argument("--action")
+    audit.add_argument("--kid")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true")
+    return p
+
+
+@contextmanager
+def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Iterator[KeyService]:
+    service = KeyService.open(config.load(args.config), require_backend=require_backend)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def _days_left(when: datetime | None, now: datetime) -> str:
+    return "-" if when is None else f"{(when - now).total_seconds() / 86400:.1f}"
+
+
+def _print_keys(keys: list[KeyInfo], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([k.to_json() for k in keys], indent=2))
+        return
+    print(f"{'KID':<45} {'PURPOSE':<11} {'STATE':<21} {'ALG':<13} NOT AFTER")
+    for k in keys:
+        not_after = k.to_json()["not_after"] or "-"
+        print(f"{k.kid or k.id:<45} {k.purpose.value:<11} {k.state.value:<21} "
+              f"{k.alg or '-':<13} {not_after}")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    settings = config.load(args.config)
+    if settings.backend.kind == "local":
+        from keyd.backends import local
+
+        if local.resolve_master_key(settings) is None:
+            path = local.create_master_key_file(settings)
+            print(f"created master key {path} (0600); back it up off this host", file=sys.stderr)
+    with _service(args) as service:
+        _print_keys(service.init(), as_json=False)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from keyd.api.server import serve
+    from keyd.jobs import Jobs
+    from keyd.scheduler import Scheduler
+
+    with _service(args, require_backend=False) as service:
+        try:
+            service.init()
+        except BackendUnavailable as e:
+            # Keys already exist (or cannot be made now): serve what the store has.
+            logging.getLogger("keyd").warning("init skipped: %s", e.detail)
+        # The lifecycle runs once before the listeners open (crash recovery:
+        # nothing is served from a half-finished rotation), then beside them
+        # every [scheduler] interval.
+        jobs = Jobs(service)
+        report = jobs.run(startup=True)
+        for error in report.errors:
+            logging.getLogger("keyd").error("start-up jobs: %s", error)
+        scheduler = Scheduler(jobs)
+        scheduler.start()
+        try:
+            serve(service)
+        finally:
+            scheduler.stop()
+
+
+def cmd_rotate(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        service.admin_caller()  # the CLI acts as admin; no admin policy, no rotation
+        info = service.rotate(Purpose(args.purpose), actor="cli", now=args.now)
+    print(f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}")
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        service.admin_caller()
+        info, replacement = service.revoke(args.kid, reason=args.reason, actor="cli")
+    print(f"revoked {info.purpose.value} key {info.kid or info.id}")
+    if replacement is not None:
+        print(f"{replacement.purpose.value} key {replacement.kid or replacement.id} is "
+              f"{replacement.state.value}")
+    elif info.state.value == "revoked":
+        print(f"keyd: warning: no replacement {info.purpose.value} key activated",
+              file=sys.stderr)
+
+
+def cmd_alerts(args: argparse.Namespace) -> None:
+    from keyd.alerts import Alert
+    from keyd.jobs import make_alerter
+
+    with _service(args) as service:
+        failed = make_alerter(service).send(Alert(
+            subject="test", title="keyd test alert", severity="info",
+            text="A test alert sent by `keyd alerts test`: this channel works."))
+    if failed:
+        raise KeydError(f"test alert failed on: {', '.join(failed)}")
+    print("test alert sent to the log" + "".join(
+        f", {c}" for c, on in (("webhook", service.settings.alerts.webhook),
+                               ("smtp", service.settings.alerts.smtp)) if on is not None))
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        _print_keys(service.keys(), args.json)
+
+
+def cmd_jwks(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        body, _ = service.jwks()
+        print(json.dumps(json.loads(body), indent=2))
+
+
+def cmd_csr(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        sys.stdout.write(service.csr(args.kid, actor="cli"))
+
+
+def cmd_cert(args: argparse.Namespace) -> None:
+    try:
+        data = args.file.read_bytes()
+    except OSError as e:
+        raise KeydError(f"cannot read {args.file}: {e.strerror}") from None
+    with _service(args) as service:
+        info, warnings = service.import_certificate(
+            args.kid, data, actor="cli", assigned_kid=args.assigned_kid
+        )
+    for warning in warnings:
+        print(f"keyd: warning: {warning}", file=sys.stderr)
+    print(f"imported certificate for {info.purpose.value} key {info.kid} ({info.state.value})")
+
+
+def cmd_client(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        token = service.add_client(args.name, args.policy, actor="cli")
+    if args.json:
+        print(json.dumps({"name": args.name, "policy": args.policy, "token": token}))
+    else:
+        print(token)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        now = service.clock.now()
+        keys = [k for k in service.keys() if k.state.value not in ("destroyed", "revoked")]
+    keys.sort(key=lambda k: (k.not_after is None, k.not_after or now))
+    if args.json:
+        print(json.dumps([{**k.to_json(), "days_left": None if k.not_after is None else
+                           round((k.not_after - now).total_seconds() / 86400, 2)}
+                          for k in keys], indent=2))
+        return
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(f"{'DAYS':>7}  {'PURPOSE':<11} {'STATE':<21} KID")
+    for k in keys:
+        line = (f"{_days_left(k.not_after, now):>7}  {k.purpose.value:<11} {k.state.value:<21} "
+                f"{k.kid or k.id}")
+        print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
+    missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
+    for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
+        print(f"keyd: warning: no active {purpose} key", file=sys.stderr)
+
+
+def _coloured(line: str, key: KeyInfo, now: datetime,
+              thresholds: tuple[timedelta, ...]) -> str:
+    """Red under the last alert threshold, yellow under the first, else plain."""
+    if key.not_after is None:
+        return line
+    left = key.not_after - now
+    if thresholds and left <= thresholds[-1]:
+        return f"\033[31m{line}\033[0m"
+    if thresholds and left <= thresholds[0]:
+        return f"\033[33m{line}\033[0m"
+    return line
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    with _service(args) as service:
+        if args.audit_command == "verify":
+            broken = service.audit.verify()
+            if broken is not None:
+                raise KeydError(f"audit chain broken at event {broken}")
+            print("audit chain intact")
+            return
+        rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
+    for row in rows:
+        record = {
+            "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
+            "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
+        }
+        print(json.dumps(record) if args.json else
+              f"{row.seq:>6} {row.at:%Y-%m-%dT%H:%M:%SZ} {row.actor:<12} {row.action:<22} "
+              f"{row.outcome:<8} {row.kid or '-'}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "init": cmd_init,
+    "serve": cmd_serve,
+    "keys": cmd_keys,
+    "jwks": cmd_jwks,
+    "csr": cmd_csr,
+    "cert": cmd_cert,
+    "client": cmd_client,
+    "status": cmd_status,
+    "rotate": cmd_rotate,
+    "revoke": cmd_revoke,
+    "alerts": cmd_alerts,
+    "audit": cmd_audit,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    serving = args.command == "serve"
+    # serve: JSON lines off a terminal (journald), text at one; admin commands
+    # are read by a person: text.  $KEYD_LOG_FORMAT=json|text overrides.
+    setup_logging(
+        json_format=None if serving else os.environ.get("KEYD_LOG_FORMAT") == "json",
+        level=logging.INFO if serving else logging.WARNING,
+    )
+    # Libraries say only problems: migrations running and jobs being added are not news.
+    for noisy in ("alembic", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        COMMANDS[args.command](args)
+    except KeydError as e:
+        print(f"keyd: error: {e.detail}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        print(f"keyd: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_BUG
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""What the console's pages show, read through KeyService, the store and the audit log.
+
+Reads only: every change goes through KeyService, the same door the CLI and
+the admin API use.  Each function returns plain values for a template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from keyd import lifecycle, x509
+from keyd.audit import AuditRecord
+from keyd.clock import utc
+from keyd.errors import KeydError
+from keyd.issuers import IssuerKeys
+from keyd.model import KeyState, Purpose
+from keyd.service import ClientInfo, KeyService
+from keyd.store import queries
+from keyd.store.tables import AuditEventRow
+
+RECENT_ALERTS = 10
+# "Last used" comes from the audit log: the newest event each client made,
+# looked for among this many newest events (a bounded read on a busy log).
+LAST_USED_WINDOW = 100_000
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One key version with its certificate and lifecycle times."""
+
+    id: str
+    kid: str  # the provisional id until a certificate fixes the kid
+    provisional: bool
+    purpose: Purpose
+    state: KeyState
+    alg: str | None
+    key_size: int
+    backend: str
+    created_at: datetime
+    state_changed_at: datetime
+    subject: str | None = None
+    issuer: str | None = None
+    cert_source: str | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    publish_at: datetime | None = None
+    activated_at: datetime | None = None
+    activates_at: datetime | None = None  # a pending key: when it may start signing
+    rotates_at: datetime | None = None  # an active key: when the scheduler replaces it
+    retired_at: datetime | None = None
+    destroy_after: datetime | None = None
+    revoked_reason: str | None = None
+    has_csr: bool = False
+
+
+@dataclass
+class PurposeView:
+    purpose: Purpose
+    enabled: bool
+    active: KeyRow | None = None
+    pending: list[KeyRow] = field(default_factory=list)
+    awaiting: list[KeyRow] = field(default_factory=list)
+    retired: list[KeyRow] = field(default_factory=list)
+
+
+def key_rows(service: KeyService) -> list[KeyRow]:
+    """Every key version, oldest first within each purpose."""
+    rows: list[KeyRow] = []
+    with service.store.session("console read") as session:
+        for key in queries.all_keys(session):
+            purpose = Purpose(key.purpose)
+            life = service.settings.lifecycle[purpose]
+            cert = queries.current_certificate(session, key.id)
+            leaf = None if cert is None else x509.load_chain(cert.chain_pem.encode())[0]
+            times = lifecycle.KeyTimes(
+                id=key.id, state=KeyState(key.state), created_at=utc(key.created_at),
+                publish_at=_utc(key.publish_at), activated_at=_utc(key.activated_at),
+            )
+            state = KeyState(key.state)
+            rows.append(KeyRow(
+                id=key.id,
+                kid=key.kid or key.id,
+                provisional=key.kid is None,
+                purpose=purpose,
+                state=state,
+                alg=purpose.jwk_alg,
+                key_size=key.key_size,
+                backend=key.backend,
+                created_at=utc(key.created_at),
+                state_changed_at=utc(key.state_changed_at),
+                subject=None if leaf is None else leaf.subject.rfc4514_string(),
+                issuer=None if leaf is None else leaf.issuer.rfc4514_string(),
+                cert_source=None if cert is None else cert.source,
+                not_before=None if cert is None else utc(cert.not_before),
+                not_after=None if cert is None else utc(cert.not_after),
+                publish_at=_utc(key.publish_at),
+                activated_at=_utc(key.activated_at),
+                activates_at=lifecycle.ready_at(times, life) if state is KeyState.PENDING
+                else None,
+                rotates_at=None if key.activated_at is None or state is not KeyState.ACTIVE
+                else utc(key.activated_at) + life.rotate_after,
+                retired_at=_utc(key.retired_at),
+                destroy_after=_utc(key.destroy_after),
+                revoked_reason=key.revoked_reason,
+                has_csr=key.csr_pem is not None,
+            ))
+    return rows
+
+
+def overview(service: KeyService, rows: list[KeyRow]) -> list[PurposeView]:
+    enabled = set(service.settings.enabled_purposes())
+    views = {p: PurposeView(p, p in enabled) for p in Purpose}
+    for row in rows:
+        view = views[row.purpose]
+        if row.state is KeyState.ACTIVE:
+            view.active = row
+        elif row.state is KeyState.PENDING:
+            view.pending.append(row)
+        elif row.state is KeyState.AWAITING_CERTIFICATE:
+            view.awaiting.append(row)
+        elif row.state is KeyState.RETIRED:
+            view.retired.append(row)
+    # Signing first: it is the key counterparties see most.
+    order = [Purpose.SIGNING, Purpose.ENCRYPTION, Purpose.TRANSPORT]
+    return [views[p] for p in order if views[p].enabled or _any(views[p])]
+
+
+def _any(view: PurposeView) -> bool:
+    return bool(view.active or view.pending or view.awaiting or view.retired)
+
+
+def readiness(service: KeyService) -> dict[str, Any]:
+    """What /readyz answers, shaped for the overview."""
+    try:
+        return shape_readiness(service.ready())
+    except KeydError as e:
+        return {"ready": False, "checks": {"keyd": e.detail}, "leader": None, "replica": None}
+
+
+def shape_readiness(answer: Mapping[str, object]) -> dict[str, Any]:
+    """``ready``, ``checks``, and ``leader`` and ``replica`` where keyd reports them
+    (None where it does not).  Checks may sit beside ``ready`` or under ``checks``."""
+    rest = dict(answer)
+    ready = rest.pop("ready", False) is True
+    leader, replica = rest.pop("leader", None), rest.pop("replica", None)
+    checks = rest.pop("checks", None)
+    if not isinstance(checks, dict):
+        checks = rest
+    return {"ready": ready, "checks": checks,
+            "leader": leader if isinstance(leader, bool) else None,
+            "replica": None if replica is None else str(replica)}
+
+
+def recent_alerts(service: KeyService) -> list[AuditRecord]:
+    return service.audit.page(action="alert.send", limit=RECENT_ALERTS)
+
+
+def published_kids(service: KeyService) -> list[str]:
+    body, _ = service.jwks()
+    return [str(k.get("kid")) for k in json.loads(body)["keys"]]
+
+
+# ---------------------------------------------------------------------- counterparties
+
+
+@dataclass(frozen=True)
+class IssuerKeyRow:
+    kid: str
+    kty: str
+    alg: str | None
+    use: str | None
+    size: str
+    not_after: datetime | None
+
+
+@dataclass(frozen=True)
+class IssuerView:
+    name: str
+    jwks_uri: str
+    max_age: timedelta
+    fetched_at: datetime | None
+    attempted_at: datetime | None
+    last_error: str | None
+    dropped: list[str]
+    keys: list[IssuerKeyRow]
+    fresh: bool
+
+
+def issuers(service: KeyService) -> list[IssuerView]:
+    now = service.clock.now()
+    views = []
+    for name, issuer in sorted(service.issuers.items()):
+        fetched = issuer.fetched_at
+        views.append(IssuerView(
+            name=name,
+            jwks_uri=issuer.settings.jwks_uri,
+            max_age=issuer.settings.max_age,
+            fetched_at=fetched,
+            attempted_at=issuer.attempted_at,
+            last_error=issuer.last_error,
+            dropped=list(issuer.dropped),
+            keys=_issuer_keys(issuer),
+            fresh=fetched is not None and now - fetched < issuer.settings.max_age,
+        ))
+    return views
+
+
+def _spki(key: Any) -> bytes:
+    der: bytes = key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der
+
+
+def _issuer_keys(issuer: IssuerKeys) -> list[IssuerKeyRow]:
+    # A certificate belongs to the JWK whose public key it carries.
+    expiry: dict[bytes, datetime] = {}
+    for cert in issuer.certificates():
+        try:
+            expiry[_spki(cert.public_key())] = utc(cert.not_valid_after_utc)
+        except ValueError:
+            continue
+    rows = []
+    for kid, jwk in sorted(issuer.cached_keys().items()):
+        kty = str(jwk.get("kty"))
+        try:
+            public = jwk.get_op_key("verify")
+            spki = _spki(public)
+            size = f"{public.key_size} bits" if kty == "RSA" else str(jwk.get("crv"))
+        except Exception:  # noqa: BLE001 - a display detail; the key was vetted at fetch
+            spki, size = b"", "?"
+        rows.append(IssuerKeyRow(kid=kid, kty=kty, alg=jwk.get("alg"), use=jwk.get("use"),
+                                 size=size, not_after=expiry.get(spki)))
+    return rows
+
+
+# ---------------------------------------------------------------------- clients
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    info: ClientInfo
+    last_used: datetime | None
+
+
+def clients(service: KeyService) -> list[ClientRow]:
+    infos = service.clients()
+    with service.store.session("console read") as session:
+        newest = session.exec(select(func.max(AuditEventRow.seq))).one() or 0
+        seen = dict(session.exec(
+            select(AuditEventRow.actor, func.max(AuditEventRow.at))
+            .where(col(AuditEventRow.seq) > newest - LAST_USED_WINDOW)
+            .where(col(AuditEventRow.actor).in_([c.name for c in infos]))
+            .group_by(col(AuditEventRow.actor))
+        ).all())
+    return [ClientRow(c, _utc(seen.get(c.name))) for c in infos]
+
+
+def _utc(when: datetime | None) -> datetime | None:
+    return None if when is None else utc(when)

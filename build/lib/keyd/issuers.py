@@ -1,0 +1,286 @@
+"""Counterparties' JWKS (PayNet's, others'): fetched, filtered, cached.
+
+A JWKS is untrusted input from the network, so (THREATS "Counterparty JWKS"):
+- a fetch is bounded in time (an overall deadline, so a server dripping one
+  byte a second cannot hold us) and in size, follows no redirect, and must
+  answer 200 with a JSON object holding a ``keys`` list;
+- only sound public keys are kept (RSA >= 2048 bits with an odd e >= 65537,
+  EC P-256/384/521); keys with private members, without a kid, or whose kid
+  appears twice are dropped;
+- a failed fetch, or one that yields no usable key, never replaces the last
+  good set; that set is used while younger than ``max_age``, then we fail
+  closed with IssuerUnavailable (503);
+- fetches are rate-limited: a kid storm (random kids in many requests)
+  causes at most one refetch per ``refetch_cooldown``, and while the issuer
+  is down callers are not each made to wait out a timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwcrypto import jwk as jwcrypto_jwk  # type: ignore[import-untyped]
+from jwcrypto.common import JWException  # type: ignore[import-untyped]
+
+from keyd.clock import Clock
+from keyd.config import IssuerSettings
+from keyd.errors import InvalidToken, IssuerUnavailable, KeydError
+from keyd.jose.compact import MAX_KID_CHARS, b64u_decode, show, strict_json
+
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+MIN_RSA_BITS = 2048
+_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
+    "P-256": (ec.SECP256R1(), 32),
+    "P-384": (ec.SECP384R1(), 48),
+    "P-521": (ec.SECP521R1(), 66),
+}
+# Members carried over into the JWK we keep; anything else is dropped unseen.
+_KEPT = {"RSA": ("n", "e"), "EC": ("crv", "x", "y")}
+_COMMON = ("kty", "kid", "use", "alg", "key_ops")
+
+
+class _FetchFailed(Exception):
+    """Internal: why a fetch produced nothing usable (goes into last_error)."""
+
+
+def _uint(text: object, what: str) -> int:
+    if not isinstance(text, str) or not text:
+        raise _FetchFailed(f"{what} is missing")
+    try:
+        return int.from_bytes(b64u_decode(text, InvalidToken, what), "big")
+    except InvalidToken as e:
+        raise _FetchFailed(str(e)) from e
+
+
+def _check_public(entry: dict[str, Any]) -> None:
+    """Raise _FetchFailed unless ``entry`` is a sound public key."""
+    kty = entry.get("kty")
+    if kty == "RSA":
+        n, e = _uint(entry.get("n"), "n"), _uint(entry.get("e"), "e")
+        if n.bit_length() < MIN_RSA_BITS:
+            raise _FetchFailed(f"RSA key of {n.bit_length()} bits")
+        if e < 65537 or e % 2 == 0:
+            raise _FetchFailed(f"RSA exponent {e} is not an odd number >= 65537")
+        rsa.RSAPublicNumbers(e, n).public_key()
+        return
+    if kty == "EC":
+        crv = entry.get("crv")
+        if not isinstance(crv, str) or crv not in _CURVES:
+            raise _FetchFailed(f"EC curve {show(crv)} is not P-256, P-384 or P-521")
+        curve, size = _CURVES[crv]
+        x_text, y_text = entry.get("x"), entry.get("y")
+        for name, text in (("x", x_text), ("y", y_text)):
+            if not isinstance(text, str) or len(text) != (size * 4 + 2) // 3:
+                raise _FetchFailed(f"EC {name} is not {size} bytes")
+        try:
+            ec.EllipticCurvePublicNumbers(
+                _uint(x_text, "x"), _uint(y_text, "y"), curve
+            ).public_key()  # checks the point is on the curve
+        except ValueError as err:
+            raise _FetchFailed(f"EC point is invalid: {err}") from err
+        return
+    raise _FetchFailed(f"kty {show(kty)} is not RSA or EC")
+
+
+def _leaf_certificate(entry: dict[str, Any]) -> x509.Certificate | None:
+    chain = entry.get("x5c")
+    if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
+        return None
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate], list[str]]:
+    """``(kid -> JWK, leaf certificates, reasons for dropped keys)`` of a JWKS document."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise _FetchFailed('the JWKS is not a JSON object with a "keys" list')
+    entries = [e for e in document["keys"] if isinstance(e, dict)]
+    dropped = [
+        f"entry {i} is not an object"
+        for i, e in enumerate(document["keys"])
+        if not isinstance(e, dict)
+    ]
+    counts = Counter(e.get("kid") for e in entries if isinstance(e.get("kid"), str))
+    keys: dict[str, Any] = {}
+    certs: list[x509.Certificate] = []
+    for entry in entries:
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_CHARS:
+            dropped.append(f"a key without a usable kid ({show(kid)})")
+            continue
+        if counts[kid] > 1:
+            # Which of the two is meant is ambiguous: neither is trusted.
+            dropped.append(f"kid {show(kid)} appears {counts[kid]} times")
+            continue
+        private = PRIVATE_MEMBERS & set(entry)
+        if private:
+            # A counterparty publishing private numbers is broken; do not use it.
+            dropped.append(f"kid {show(kid)} has private members {sorted(private)}")
+            continue
+        try:
+            _check_public(entry)
+            kept = {m: entry[m] for m in _COMMON + _KEPT[entry["kty"]] if m in entry}
+            key = jwcrypto_jwk.JWK(**kept)
+        except _FetchFailed as e:
+            dropped.append(f"kid {show(kid)}: {e}")
+            continue
+        except (JWException, ValueError, TypeError, KeyError) as e:
+            dropped.append(f"kid {show(kid)}: {show(str(e), 120)}")
+            continue
+        keys[kid] = key
+        if (cert := _leaf_certificate(entry)) is not None:
+            certs.append(cert)
+    return keys, certs, dropped
+
+
+class IssuerKeys:
+    """One counterparty's signing keys, as its ``jwks_uri`` publishes them."""
+
+    def __init__(
+        self, settings: IssuerSettings, clock: Clock, client: httpx.Client | None = None
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._own_client = client is None
+        self._client = client or httpx.Client(follow_redirects=False, trust_env=False)
+        self._lock = threading.Lock()
+        self._keys: dict[str, Any] = {}
+        self._certs: list[x509.Certificate] = []
+        self.fetched_at: datetime | None = None  # when the cached set was fetched
+        self.attempted_at: datetime | None = None  # the last fetch, good or bad
+        self.last_error: str | None = None
+        self.dropped: list[str] = []  # why keys of the last good fetch were ignored
+        self.fetch_count = 0
+
+    # ------------------------------------------------------------------ public
+
+    def key(self, kid: str) -> Any:
+        """The JWK (``jwcrypto.jwk.JWK``) for ``kid``, or None when the issuer has none.
+
+        Raises IssuerUnavailable when no set younger than ``max_age`` is at hand.
+        """
+        if not isinstance(kid, str):
+            return None
+        with self._lock:
+            now = self._clock.now()
+            if self._refresh_due(now) and self._cooled_down(now):
+                self._fetch(now)
+            self._require_fresh(now)
+            found = self._keys.get(kid)
+            if found is None and self._cooled_down(now):
+                # Perhaps the issuer rotated: one refetch, then no more until
+                # the cool-down has passed, however many unknown kids arrive.
+                self._fetch(now)
+                self._require_fresh(now)
+                found = self._keys.get(kid)
+            return found
+
+    def certificates(self) -> list[x509.Certificate]:
+        with self._lock:
+            return list(self._certs)
+
+    def cached_keys(self) -> dict[str, Any]:
+        """The last good set as cached (kid -> JWK), fetching nothing (the console)."""
+        with self._lock:
+            return dict(self._keys)
+
+    def refresh(self) -> None:
+        """Fetch now, whatever the cool-down; IssuerUnavailable when it fails."""
+        with self._lock:
+            if not self._fetch(self._clock.now()):
+                raise IssuerUnavailable(
+                    f"issuer {self.settings.name}: {self.last_error}", self._retry_after()
+                )
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+    # ------------------------------------------------------------------ inner
+
+    def _refresh_due(self, now: datetime) -> bool:
+        # Refresh at half of max_age, so a failing issuer still leaves the
+        # other half during which the last good set keeps working.
+        return self.fetched_at is None or now - self.fetched_at >= self.settings.max_age / 2
+
+    def _cooled_down(self, now: datetime) -> bool:
+        return self.attempted_at is None or (
+            now - self.attempted_at >= self.settings.refetch_cooldown
+        )
+
+    def _retry_after(self) -> int:
+        return max(1, int(self.settings.refetch_cooldown.total_seconds()))
+
+    def _require_fresh(self, now: datetime) -> None:
+        if self.fetched_at is None or now - self.fetched_at >= self.settings.max_age:
+            age = "never fetched" if self.fetched_at is None else f"fetched at {self.fetched_at}"
+            raise IssuerUnavailable(
+                f"issuer {self.settings.name}: no JWKS younger than {self.settings.max_age} "
+                f"({age}; last error: {self.last_error})",
+                self._retry_after(),
+            )
+
+    def _fetch(self, now: datetime) -> bool:
+        """One bounded fetch; replaces the cache only with a usable set."""
+        self.attempted_at = now
+        self.fetch_count += 1
+        try:
+            body = self._download()
+            document = strict_json(body, "the JWKS", InvalidToken)
+            keys, certs, dropped = usable_keys(document)
+            if not keys:
+                raise _FetchFailed(f"the JWKS holds no usable key ({'; '.join(dropped[:5])})")
+        except (_FetchFailed, KeydError) as e:
+            self.last_error = f"{self.settings.jwks_uri}: {e}"
+            return False
+        self._keys, self._certs, self.dropped = keys, certs, dropped
+        self.fetched_at = now
+        self.last_error = None
+        return True
+
+    def _download(self) -> bytes:
+        limit = self.settings.max_bytes
+        total = self.settings.fetch_timeout
+        # Each network step gets a third of the budget and the stream as a
+        # whole two thirds: a chunk arriving just before the deadline plus one
+        # more read still ends within fetch_timeout.
+        deadline = time.monotonic() + total * 2 / 3
+        step = httpx.Timeout(total / 3)
+        try:
+            with self._client.stream(
+                "GET",
+                self.settings.jwks_uri,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+                timeout=step,
+                follow_redirects=False,  # a redirect is a failed fetch, not a new URL
+            ) as response:
+                if response.status_code != 200:
+                    raise _FetchFailed(f"answered HTTP {response.status_code}, not 200")
+                if response.headers.get("content-encoding", "identity") != "identity":
+                    raise _FetchFailed("answered with a content-encoding; asked for identity")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise _FetchFailed(f"announces {declared} bytes; the limit is {limit}")
+                body = bytearray()
+                for chunk in response.iter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise _FetchFailed(f"sent more than {limit} bytes")
+                    if time.monotonic() > deadline:
+                        raise _FetchFailed(f"took longer than {total} s")
+                return bytes(body)
+        except httpx.TimeoutException as e:
+            raise _FetchFailed(f"timed out ({type(e).__name__})") from e
+        except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL, OSError) as e:
+            raise _FetchFailed(f"failed: {type(e).__name__}: {show(str(e), 120)}") from e

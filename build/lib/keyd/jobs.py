@@ -1,0 +1,360 @@
+"""The scheduled work: idempotent reconcilers over stored state.
+
+Each job asks "what is due now?" of the store (keyd/lifecycle.py answers from
+timestamps) and carries out the answer through KeyService, one atomic
+transition at a time.  So every job is safe to run twice, concurrently with
+the CLI, after a crash, or after the clock jumped: work already done is no
+longer due.  One key's (or one purpose's) failure is logged and alerted and
+does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from cryptography import x509 as cx509
+
+from keyd import deploy, jose, lifecycle, x509
+from keyd.alerts import Alert, Alerter
+from keyd.audit import AuditEvent
+from keyd.clock import utc
+from keyd.errors import KeydError
+from keyd.lifecycle import Step
+from keyd.metrics import LIFECYCLE
+from keyd.model import KeyState, Mode, Purpose, SignScheme
+from keyd.service import KeyService
+from keyd.store import queries
+
+log = logging.getLogger("keyd.jobs")
+
+ACTOR = "scheduler"
+DAY = timedelta(days=1)
+MAX_PASSES = 4  # create -> activate -> destroy can all fall due in one run (sandbox "0s")
+
+
+@dataclass
+class Report:
+    done: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def extend(self, other: Report) -> None:
+        self.done.extend(other.done)
+        self.errors.extend(other.errors)
+
+
+def make_alerter(service: KeyService) -> Alerter:
+    """An Alerter whose webhook bodies are signed by keyd's active signing key."""
+
+    def sign(body: bytes) -> str | None:
+        try:
+            key = service.active_key(Purpose.SIGNING)
+        except KeydError:
+            return None
+        token = jose.sign_jws(
+            lambda data: service.backend.sign(key.ref, data, SignScheme.PSS_SHA256),
+            key.kid, body, detached=True,
+        )
+        service.audit.record(AuditEvent(actor="alerts", action="sign.alert", kid=key.kid,
+                                        purpose=Purpose.SIGNING.value))
+        return token
+
+    return Alerter(service.settings, service.store, service.clock, sign, audit=service.audit)
+
+
+class Jobs:
+    def __init__(self, service: KeyService, alerter: Alerter | None = None) -> None:
+        self.service = service
+        self.alerter = alerter or make_alerter(service)
+        self._lock = threading.Lock()  # one run at a time in this process
+
+    # ------------------------------------------------------------------ entry
+
+    def run(self, *, startup: bool = False) -> Report:
+        """Everything, in order: recovery (on start-up), lifecycle, deployment, expiries."""
+        with self._lock:
+            report = Report()
+            steps: list[Callable[[], Report]] = [self.reconcile, self.deploy_transport,
+                                                 self.refresh_issuers, self.check_expiries]
+            if startup:
+                steps.insert(0, self.recover)
+            for step in steps:
+                try:
+                    report.extend(step())
+                except Exception as e:  # noqa: BLE001 - the next job still runs
+                    log.exception("job %s failed", step.__name__)
+                    report.errors.append(f"{step.__name__}: {e}")
+            return report
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def reconcile(self) -> Report:
+        """Carry out what lifecycle.plan() says is due, for every enabled purpose."""
+        report = Report()
+        for purpose in self.service.settings.enabled_purposes():
+            try:
+                self._reconcile_purpose(purpose, report)
+            except Exception as e:  # noqa: BLE001 - one purpose never stops the others
+                log.exception("lifecycle of %s failed", purpose.value)
+                report.errors.append(f"{purpose.value}: {e}")
+                self._job_failed(purpose, "reconcile", e)
+        return report
+
+    def _reconcile_purpose(self, purpose: Purpose, report: Report) -> None:
+        life = self.service.settings.lifecycle[purpose]
+        for _ in range(MAX_PASSES):
+            now = self.service.clock.now()
+            actions = lifecycle.plan(self.service.key_times(purpose), life, now)
+            progressed = False
+            for action in actions:
+                try:
+                    progressed |= self._carry_out(purpose, action)
+                    if action.step is not Step.AWAIT_CERTIFICATE:
+                        report.done.append(f"{purpose.value}: {action.step.value} "
+                                           f"{action.key_id or ''} ({action.reason})")
+                except Exception as e:  # noqa: BLE001 - one key never stops the others
+                    log.exception("%s %s of %s failed", action.step.value, action.key_id,
+                                  purpose.value)
+                    report.errors.append(f"{purpose.value}: {action.step.value}: {e}")
+                    self._job_failed(purpose, action.step.value, e)
+            if not progressed:
+                return
+
+    def _carry_out(self, purpose: Purpose, action: lifecycle.Action) -> bool:
+        service = self.service
+        if action.step is Step.CREATE:
+            info = service.create_key(purpose, actor=ACTOR, activate=False)
+            log.info("rotation of %s started: %s (%s)", purpose.value, info.kid or info.id,
+                     action.reason)
+            if info.state is KeyState.AWAITING_CERTIFICATE:
+                self._csr_awaits(purpose, info.id, critical=action.reason == "no active key")
+            return True
+        if action.step is Step.ACTIVATE:
+            assert action.key_id is not None
+            service.activate(action.key_id, actor=ACTOR, reason=action.reason)
+            LIFECYCLE.rotated(purpose)
+            return True
+        if action.step is Step.DESTROY:
+            assert action.key_id is not None
+            return service.destroy(action.key_id, actor=ACTOR)
+        if action.step is Step.RETIRE:
+            assert action.key_id is not None
+            service.retire(action.key_id, actor=ACTOR, reason=action.reason)
+            return True
+        assert action.key_id is not None
+        self._csr_awaits(purpose, action.key_id, critical=action.reason == "no active key")
+        return False
+
+    def _csr_awaits(self, purpose: Purpose, key_id: str, *, critical: bool) -> None:
+        """Production: tell the admins once that a CSR waits for the CA (daily when
+        the purpose has no active key at all)."""
+        text = (f"A new {purpose.value} key {key_id} waits for its certificate. Get its CSR "
+                f"with `keyd csr {key_id}`, have the CA sign it, then run "
+                f"`keyd cert import {key_id} FILE`.")
+        if critical:
+            text = f"No active {purpose.value} key: nothing can use this purpose. " + text
+        alert = Alert(subject=f"csr:{key_id}", title=f"{purpose.value} CSR awaits a certificate",
+                      text=text, severity="critical" if critical else "warning",
+                      detail={"purpose": purpose.value, "key": key_id})
+        threshold = "no-active" if critical else "awaits"
+        if self.alerter.once(alert, threshold, repeat=DAY if critical else None):
+            LIFECYCLE.alerted(purpose.value, "csr")
+
+    def _job_failed(self, purpose: Purpose, what: str, error: Exception) -> None:
+        detail = error.detail if isinstance(error, KeydError) else f"{type(error).__name__}"
+        alert = Alert(subject=f"job:{purpose.value}:{what}",
+                      title=f"keyd could not {what} the {purpose.value} key",
+                      text=f"The scheduled {what} of the {purpose.value} key failed: {detail}. "
+                           "keyd retries on every run.",
+                      severity="critical", detail={"purpose": purpose.value, "step": what})
+        try:
+            if self.alerter.once(alert, "failed", repeat=DAY):
+                LIFECYCLE.alerted(purpose.value, "job")
+        except KeydError as e:
+            log.error("could not record the alert for %s: %s", what, e.detail)
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> Report:
+        """After a crash: erase backend keys the store does not (or no longer) need,
+        and revoke stored keys the backend lost.
+
+        Only refs the backend lists as keyd's (its prefix and ref shape) are
+        considered.  A backend key whose row is not committed yet (another
+        process between generate and commit) would look orphaned, so this
+        runs at start-up; a deployment shares one backend prefix with one
+        store only.
+        """
+        report = Report()
+        service = self.service
+        held, known = service.backend_refs()
+        for ref in sorted(held):
+            row = known.get(ref)
+            if row is None or row[1] not in lifecycle.LIVE_STATES:
+                try:
+                    service.backend.destroy(ref)
+                    what = "orphan" if row is None else f"{row[1].value} key {row[0]}"
+                    service.audit.record(AuditEvent(actor=ACTOR, action="key.erase",
+                                                    detail={"ref": ref, "was": what}))
+                    report.done.append(f"erased {what} {ref}")
+                except KeydError as e:
+                    report.errors.append(f"erase {ref}: {e.detail}")
+        for ref, (key_id, state) in sorted(known.items()):
+            if state in lifecycle.LIVE_STATES and ref not in held:
+                # The backend lost a key the store relies on: it can neither sign
+                # nor decrypt any more, so it must not stay published.
+                try:
+                    service.revoke(key_id, reason="lost from the backend", actor=ACTOR)
+                    report.done.append(f"revoked lost key {key_id}")
+                except KeydError as e:
+                    report.errors.append(f"revoke lost {key_id}: {e.detail}")
+                self.alerter.send(Alert(
+                    subject=f"lost:{key_id}", title=f"key {key_id} lost from the backend",
+                    text=f"The backend no longer holds key {key_id} ({state.value}); keyd "
+                         "revoked it and activated a replacement where it could.",
+                    severity="critical", detail={"key": key_id, "state": state.value}))
+        return report
+
+    # ------------------------------------------------------------------ deployment
+
+    def deploy_transport(self) -> Report:
+        """Make the configured files hold the active transport key (see keyd/deploy.py)."""
+        report = Report()
+        service = self.service
+        target = service.settings.deploy
+        if target.cert_path is None or Purpose.TRANSPORT not in service.settings.enabled_purposes():
+            return report
+        with service.store.session("deploy read") as session:
+            active = queries.keys_by_state(session, Purpose.TRANSPORT.value, [KeyState.ACTIVE])
+            if not active or active[0].kid is None:
+                return report
+            key = active[0]
+            cert = queries.current_certificate(session, key.id)
+        if cert is None:
+            return report
+        try:
+            key_pem = (service.backend.export_private_key_pem(key.backend_ref)
+                       if key.exportable and service.backend.capabilities.exports_private_keys
+                       else None)
+            assert key.kid is not None
+            material = deploy.Material(key.kid, cert.chain_pem.encode(), key_pem)
+            if not deploy.needed(target, material):
+                return report
+            deploy.deploy(target, material)
+            service.audit.record(AuditEvent(actor=ACTOR, action="transport.deploy", kid=key.kid,
+                                            purpose=Purpose.TRANSPORT.value,
+                                            detail={"path": str(target.cert_path)}))
+            report.done.append(f"deployed transport key {key.kid}")
+        except KeydError as e:
+            report.errors.append(f"deploy: {e.detail}")
+            alert = Alert(subject=f"deploy:{key.kid}", title="transport key deployment failed",
+                          text=f"Deploying transport key {key.kid} failed: {e.detail}",
+                          severity="critical", detail={"kid": key.kid})
+            if self.alerter.once(alert, "failed", repeat=DAY):
+                LIFECYCLE.alerted(Purpose.TRANSPORT.value, "deploy")
+        return report
+
+    # ------------------------------------------------------------------ issuers
+
+    def refresh_issuers(self) -> Report:
+        """Keep each counterparty's JWKS warm, and say so when it cannot be fetched.
+
+        Refreshing here (at half of max_age, like a verify would) means a
+        verify rarely waits on a fetch.  A failed fetch keeps the last good
+        set; once that set is older than max_age verification fails closed,
+        and the alert turns critical.
+        """
+        report = Report()
+        now = self.service.clock.now()
+        for name, issuer in self.service.issuers.items():
+            if issuer.fetched_at is not None and now - issuer.fetched_at < (
+                    issuer.settings.max_age / 2):
+                continue
+            try:
+                issuer.refresh()
+                report.done.append(f"refreshed issuer {name}")
+            except KeydError as e:
+                report.errors.append(f"issuer {name}: {e.detail}")
+                stale = issuer.fetched_at is None or now - issuer.fetched_at >= (
+                    issuer.settings.max_age)
+                alert = Alert(
+                    subject=f"issuer:{name}", title=f"issuer {name} JWKS unreachable",
+                    text=(f"Fetching {issuer.settings.jwks_uri} failed: {issuer.last_error}. "
+                          + ("Its signatures cannot be verified until it is back."
+                             if stale else "The last good set is still in use.")),
+                    severity="critical" if stale else "warning",
+                    detail={"issuer": name, "jwks_uri": issuer.settings.jwks_uri},
+                )
+                self.alerter.once(alert, "stale" if stale else "failing", repeat=DAY)
+        return report
+
+    # ------------------------------------------------------------------ expiries
+
+    def check_expiries(self) -> Report:
+        """Alert at each configured threshold before a certificate expires: once
+        per threshold, and once a day under the last one (or once expired)."""
+        report = Report()
+        service = self.service
+        now = service.clock.now()
+        subjects: list[tuple[str, str, datetime, str]] = []  # (subject, what, not_after, purpose)
+        with service.store.session("expiry read") as session:
+            for key in queries.published_keys(session):
+                if KeyState(key.state) is KeyState.RETIRED:
+                    continue  # on its way out: nothing for an admin to do
+                cert = queries.current_certificate(session, key.id)
+                if cert is not None:
+                    subjects.append((f"certificate:{cert.thumbprint_s256}",
+                                     f"{key.purpose} key {key.kid}", utc(cert.not_after),
+                                     key.purpose))
+        for name, issuer in service.issuers.items():
+            for leaf in issuer.certificates():
+                subjects.append(_issuer_subject(name, leaf))
+        for subject, what, not_after, purpose in subjects:
+            try:
+                if self._expiry_alert(subject, what, not_after, purpose, now):
+                    report.done.append(f"expiry alert {subject}")
+            except KeydError as e:
+                report.errors.append(f"expiry alert {subject}: {e.detail}")
+        return report
+
+    def _expiry_alert(self, subject: str, what: str, not_after: datetime, purpose: str,
+                      now: datetime) -> bool:
+        thresholds = self.service.settings.alerts.thresholds  # longest first
+        left = not_after - now
+        crossed = [t for t in thresholds if left <= t]
+        if not crossed:
+            return False
+        threshold = crossed[-1]  # the most urgent crossed: one alert even after a jump
+        last = threshold == thresholds[-1]
+        days = left.total_seconds() / 86400
+        title = (f"certificate of {what} expired" if days < 0 else
+                 f"certificate of {what} expires in {days:.1f} days")
+        production = self.service.settings.keyd.mode is Mode.PRODUCTION
+        alert = Alert(
+            subject=subject, title=title,
+            text=f"{title} (not after {not_after.isoformat()}). "
+                 + ("Rotate or renew it now." if production else "Rotate it."),
+            severity="critical" if last else "warning",
+            detail={"not_after": not_after.isoformat(), "days_left": round(days, 2),
+                    "threshold": _duration(threshold)},
+        )
+        sent = self.alerter.once(alert, _duration(threshold), repeat=DAY if last else None)
+        if sent:
+            LIFECYCLE.alerted(purpose, "expiry")
+        return sent
+
+
+def _issuer_subject(name: str, leaf: cx509.Certificate) -> tuple[str, str, datetime, str]:
+    return (f"certificate:{x509.thumbprint_s256(leaf)}", f"issuer {name}",
+            utc(leaf.not_valid_after_utc), f"issuer:{name}")
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -1,0 +1,48 @@
+"""keyd's strict JOSE layer.
+
+Signing and JWE key unwrapping go through callables (the private key stays in
+the backend); verification of incoming tokens applies keyd's own allow-lists
+before any library or key sees the token.  Every failure is a keyd.errors type.
+
+- compact: strict base64url, header parsing (no duplicates, bounded)
+- jwks:    kid schemes, our public JWKs, the JWKS document
+- jws:     making JWS, JWTs and client assertions
+- jwe:     decrypting JWE addressed to us
+- verify:  verifying counterparties' JWS and JWT claims
+- links:   PayNet's universal link
+"""
+
+from keyd.jose.compact import b64u_decode, b64u_encode
+from keyd.jose.jwe import CekDecrypter, JweResult, decrypt_jwe, parse_jwe_header
+from keyd.jose.jwks import cert_thumbprint, jwks_document, kid_for, public_jwk
+from keyd.jose.jws import (
+    PROTECTED_HEADER_NAMES,
+    Signer,
+    client_assertion,
+    sign_jws,
+    sign_jwt,
+)
+from keyd.jose.links import universal_link_consent
+from keyd.jose.verify import VerifiedJws, verify_jws, verify_jwt_claims
+
+__all__ = [
+    "PROTECTED_HEADER_NAMES",
+    "CekDecrypter",
+    "JweResult",
+    "Signer",
+    "VerifiedJws",
+    "b64u_decode",
+    "b64u_encode",
+    "cert_thumbprint",
+    "client_assertion",
+    "decrypt_jwe",
+    "jwks_document",
+    "kid_for",
+    "parse_jwe_header",
+    "public_jwk",
+    "sign_jws",
+    "sign_jwt",
+    "universal_link_consent",
+    "verify_jws",
+    "verify_jwt_claims",
+]

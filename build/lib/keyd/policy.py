@@ -1,0 +1,105 @@
+"""Access policies: one TOML file a policy in policies/, the file name its name.
+
+A policy names the operations a caller may perform, the key purposes it may
+use, and the ``client_id``s and audiences it may assert.  ``"*"`` means any;
+``"$client_id"`` stands for the configured ``[keyd] client_id``; audience
+entries are shell-style patterns (``https://*.paynet.my/*``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from keyd.errors import ConfigError, Forbidden
+from keyd.model import Purpose
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class Operation(StrEnum):
+    SIGN = "sign"  # JWS and JWT
+    CLIENT_ASSERTION = "client_assertion"
+    DECRYPT = "decrypt"
+    VERIFY = "verify"  # verify, unwrap's signature check, universal links
+    ADMIN = "admin"  # key listing, CSR, certificate import, rotate, revoke
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    operations: frozenset[Operation]
+    purposes: frozenset[Purpose]
+    client_ids: frozenset[str]  # "*" for any
+    audiences: tuple[str, ...]  # fnmatch patterns
+
+    def require(self, operation: Operation, purpose: Purpose | None = None) -> None:
+        if operation not in self.operations:
+            raise Forbidden(
+                f"policy {self.name!r} does not allow the {operation.value!r} operation"
+            )
+        if purpose is not None and purpose not in self.purposes:
+            raise Forbidden(f"policy {self.name!r} does not allow the {purpose.value!r} key")
+
+    def require_client_id(self, client_id: str) -> None:
+        if "*" not in self.client_ids and client_id not in self.client_ids:
+            raise Forbidden(f"policy {self.name!r} may not assert client_id {client_id!r}")
+
+    def require_audience(self, audience: str) -> None:
+        # fnmatchcase: an audience is a URL, case matters and no OS rules apply.
+        if not any(fnmatch.fnmatchcase(audience, pattern) for pattern in self.audiences):
+            raise Forbidden(f"policy {self.name!r} may not assert audience {audience!r}")
+
+
+def _strings(data: dict[str, object], key: str, where: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of strings")
+    return value
+
+
+def parse_policy(name: str, data: dict[str, object], client_id: str, where: str) -> Policy:
+    unknown = set(data) - {"description", "operations", "purposes", "client_ids", "audiences"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    ops = _strings(data, "operations", where)
+    purposes = _strings(data, "purposes", where)
+    try:
+        operations = frozenset(Operation) if "*" in ops else frozenset(Operation(o) for o in ops)
+        purpose_set = (
+            frozenset(Purpose) if "*" in purposes else frozenset(Purpose(p) for p in purposes)
+        )
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    client_ids = frozenset(
+        client_id if c == "$client_id" else c for c in _strings(data, "client_ids", where)
+    )
+    return Policy(
+        name=name,
+        operations=operations,
+        purposes=purpose_set,
+        client_ids=client_ids,
+        audiences=tuple(_strings(data, "audiences", where)),
+    )
+
+
+def load_policies(directory: Path, client_id: str) -> dict[str, Policy]:
+    if not directory.is_dir():
+        raise ConfigError(f"policies directory {directory} not found")
+    policies: dict[str, Policy] = {}
+    for path in sorted(directory.glob("*.toml")):
+        name = path.stem
+        if not _NAME.match(name):
+            raise ConfigError(f"policy file {path}: {name!r} is not a valid policy name")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"policy file {path} cannot be read: {e}") from None
+        policies[name] = parse_policy(name, data, client_id, f"policy file {path}")
+    if not policies:
+        raise ConfigError(f"policies directory {directory} holds no *.toml policy")
+    return policies

@@ -1,0 +1,66 @@
+"""APScheduler wiring, nothing else: run the jobs every interval.
+
+(`keyd serve` runs them once itself before it opens its listeners.)
+
+``coalesce=True`` with no misfire limit: runs missed while the process could
+not run them (a suspended host, a long GC, a busy run) are made up once, not
+once per missed interval.  Downtime across restarts needs no bookkeeping: the
+start-up run reconciles from stored state.  ``max_instances=1``: a slow run is
+never overlapped by the next.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC
+
+from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+
+from keyd.backends.base import RenewsCredentials
+from keyd.errors import KeydError
+from keyd.jobs import Jobs
+
+log = logging.getLogger("keyd.scheduler")
+
+
+class Scheduler:
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        interval = jobs.service.settings.scheduler.interval
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._scheduler.add_job(self._tick, "interval", seconds=interval.total_seconds(),
+                                id="lifecycle")
+        backend = jobs.service.backend
+        if isinstance(backend, RenewsCredentials):
+            renew_every = jobs.service.settings.scheduler.renew_interval
+            self._scheduler.add_job(self.renew, "interval",
+                                    seconds=renew_every.total_seconds(), id="renew")
+
+    def renew(self) -> None:
+        """Keep the backend's login alive; a failure is logged and retried next time."""
+        backend = self.jobs.service.backend
+        assert isinstance(backend, RenewsCredentials)
+        try:
+            backend.renew()
+        except KeydError as e:
+            log.warning("backend credential renewal failed: %s", e.detail)
+
+    def job_ids(self) -> list[str]:
+        return sorted(job.id for job in self._scheduler.get_jobs())
+
+    def _tick(self) -> None:
+        self._log(self.jobs.run())
+
+    @staticmethod
+    def _log(report: object) -> None:
+        log.debug("jobs ran: %s", report)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

@@ -1,0 +1,8 @@
+"""Persistence: SQLModel tables, the engine and sessions, typed queries.
+
+No business rules live here; keyd/service.py decides, the store remembers.
+"""
+
+from keyd.store.db import Store
+
+__all__ = ["Store"]

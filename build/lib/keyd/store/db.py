@@ -1,0 +1,243 @@
+"""The database: engine, sessions, migrations.  SQLAlchemy errors stop here.
+
+SQLite (the embedded default) and PostgreSQL behave the same to callers:
+every session commits on success and rolls back on error, and a database
+that is locked, read-only or unreachable surfaces as ``StoreUnavailable``
+(503, fail closed), never as a SQLAlchemy exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+    StatementError,
+)
+from sqlmodel import Session
+
+from keyd.errors import ConfigError, Conflict, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Execution option read by the SQLite "begin" hook: how to open a transaction.
+_BEGIN = "keyd_sqlite_begin"
+
+
+def migrations_dir() -> Path:
+    """The Alembic folder, beside the keyd package (keyd ships as an editable install).
+
+    Found from this file rather than ``keyd.__file__``, which is None when an
+    editable install resolves keyd as a namespace package.
+    """
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+class Store:
+    """One database, reached through one engine (a pool of connections)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = _parse(url)
+        self.dialect = parsed.get_backend_name()  # "sqlite" | "postgresql"
+        self._url = parsed
+        # Sessions open on each thread, innermost last: lets the audit log
+        # join the caller's transaction instead of waiting on a lock it holds.
+        self._local = threading.local()
+        if self.dialect == "sqlite":
+            self._engine = _sqlite_engine(parsed)
+        else:
+            self._engine = create_engine(
+                parsed,
+                pool_pre_ping=True,  # a restarted server costs one retry, not an error
+                connect_args={"connect_timeout": 5},  # fail closed fast when it is down
+            )
+
+    def __repr__(self) -> str:
+        return f"Store({self._url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -------------------------------------------------------------- migrations
+
+    def migrate(self) -> None:
+        """Bring the schema to head; running it again (or concurrently) is harmless."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.util.exc import CommandError
+
+        folder = migrations_dir()
+        if not (folder / "env.py").is_file():
+            raise ConfigError(f"migrations folder {folder} not found (install keyd editable)")
+        cfg = Config()
+        cfg.set_main_option("script_location", str(folder))
+        cfg.set_main_option("path_separator", "os")
+        try:
+            with self._engine.connect() as conn:
+                # One transaction for the whole upgrade, holding the write lock
+                # (SQLite) or an advisory lock (PostgreSQL) so that `keyd init`
+                # and a starting daemon cannot both apply the same revision.
+                conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+        except CommandError as e:
+            raise ConfigError(f"store migration failed: {e}") from e
+        except SQLAlchemyError as e:
+            raise store_error(e, "schema migration") from e
+
+    # ---------------------------------------------------------------- sessions
+
+    @contextlib.contextmanager
+    def session(
+        self, operation: str = "database transaction", *, write: bool = False
+    ) -> Iterator[Session]:
+        """A unit of work: commit on success, rollback on any error.
+
+        ``write=True`` takes SQLite's write lock when the transaction begins
+        (``BEGIN IMMEDIATE``).  Use it for read-then-write work: a deferred
+        SQLite transaction that has read and then tries to write fails at once
+        (SQLITE_BUSY_SNAPSHOT, no busy wait) if another writer committed in
+        between.  On PostgreSQL it changes nothing.
+
+        Objects stay readable after the block (no expire on commit).
+        """
+        stack = self._sessions()
+        try:
+            with Session(self._engine, expire_on_commit=False) as session:
+                if write:
+                    session.connection(execution_options={_BEGIN: "BEGIN IMMEDIATE"})
+                stack.append(session)
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
+                finally:
+                    stack.pop()
+        except SQLAlchemyError as e:
+            raise store_error(e, operation) from e
+
+    def connect(self, *, write: bool = False) -> Connection:
+        """A bare connection for a long-lived writer (the audit log).
+
+        The caller owns it: begin/commit per unit of work, close() when done,
+        and convert SQLAlchemy errors with ``store_error``.
+        """
+        conn = self._engine.connect()
+        if write:
+            conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+        return conn
+
+    def active_session(self) -> Session | None:
+        """The innermost session this thread has open on this store, if any."""
+        stack = self._sessions()
+        return stack[-1] if stack else None
+
+    def _sessions(self) -> list[Session]:
+        stack: list[Session] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+        with self.session("ping") as s:
+            s.connection().execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+# 64-bit keys for pg_advisory_xact_lock: "keyd" + a tag, so they stay clear
+# of any other application sharing the server.
+_MIGRATE_LOCK = 0x6B657964_6D696772  # "keydmigr"
+AUDIT_LOCK = 0x6B657964_61756474  # "keydaudt"
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(f"[store] url {url!r} is not a database URL: {e}") from e
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        # psycopg 3 is the one PostgreSQL driver keyd ships with.
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        return parsed
+    raise ConfigError(
+        f"[store] url: unsupported database {backend!r}; use sqlite:///PATH or "
+        "postgresql+psycopg://USER@HOST/DB"
+    )
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    is_uri = str(url.query.get("uri", "")).lower() == "true" or database.startswith("file:")
+    if database and database != ":memory:" and not is_uri:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise ConfigError(f"[store] url: {e}") from e
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (it would
+        # BEGIN lazily and DEFERRED); SQLAlchemy's "begin" hook below does it.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            # WAL: readers never block the writer.  FULL: a commit is on disk
+            # when it returns (the audit log promises durability).  The busy
+            # timeout lets the CLI and the daemon queue for the write lock.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get(_BEGIN, "BEGIN"))
+
+    return engine
+
+
+def store_error(e: SQLAlchemyError, operation: str) -> Exception:
+    """The keyd error for a SQLAlchemy one, to raise ``from e``.
+
+    IntegrityError -> Conflict; everything else -> StoreUnavailable.  The
+    message names the operation and the database's reason, never the SQL
+    statement or its parameters.
+    """
+    if isinstance(e, IntegrityError):
+        return Conflict(f"{operation} refused by the database: {_reason(e)}")
+    if isinstance(e, StatementError) and not isinstance(e, DBAPIError):
+        # A Python value the column type refused (e.g. a naive datetime):
+        # a programming error, reported as such rather than as an outage.
+        return ValueError(f"{operation}: {_reason(e)}")
+    return StoreUnavailable(f"store unavailable during {operation}: {_reason(e)}")
+
+
+def _reason(e: SQLAlchemyError) -> str:
+    orig = getattr(e, "orig", None)
+    reason = str(orig) if orig is not None else type(e).__name__
+    return reason.strip().splitlines()[0] if reason.strip() else type(e).__name__

@@ -1,0 +1,139 @@
+"""The tables, as SQLModel classes.  Shapes only: the rules live in service.py.
+
+`migrations/versions/` creates these tables by hand; tests/test_store.py
+checks that the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from sqlalchemy import DateTime, Dialect, Index, Text
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from keyd.clock import utc
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL.
+
+    SQLite has no time zones: SQLAlchemy writes the wall-clock digits and
+    drops the offset.  Converting to UTC before writing makes those digits
+    mean UTC (and keeps SQLite's string comparison in time order); tagging
+    UTC on the way out gives every caller the same aware values PostgreSQL's
+    ``timestamptz`` gives.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            # A naive datetime has no defined instant; guessing one is how
+            # expiries end up hours off.  This is a programming error.
+            raise ValueError(f"naive datetime {value.isoformat()} given to the store; use UTC")
+        return utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc(value)
+
+
+def new_key_id() -> str:
+    """A key version's own id: also its provisional name before a kid exists."""
+    return "kv_" + secrets.token_hex(8)
+
+
+class KeyVersion(SQLModel, table=True):
+    __tablename__ = "key_versions"
+    __table_args__ = (Index("ix_key_versions_purpose_state", "purpose", "state"),)
+
+    id: str = Field(default_factory=new_key_id, primary_key=True)
+    purpose: str  # keyd.model.Purpose value
+    state: str  # keyd.model.KeyState value
+    # NULL until a certificate fixes it; NULLs never collide under UNIQUE.
+    kid: str | None = Field(default=None, unique=True)
+    backend: str  # local | vault | pkcs11
+    backend_ref: str
+    key_size: int
+    exportable: bool = False
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    state_changed_at: datetime = Field(sa_type=UTCDateTime)
+    publish_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    activated_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    retired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    destroy_after: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_reason: str | None = Field(default=None, sa_type=Text)
+    public_key_pem: str = Field(sa_type=Text)
+    csr_pem: str | None = Field(default=None, sa_type=Text)
+
+
+class Certificate(SQLModel, table=True):
+    __tablename__ = "certificates"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: str = Field(foreign_key="key_versions.id", index=True)
+    chain_pem: str = Field(sa_type=Text)  # leaf first
+    thumbprint_s256: str
+    not_before: datetime = Field(sa_type=UTCDateTime)
+    not_after: datetime = Field(sa_type=UTCDateTime)
+    source: str  # "self-signed" | "imported"
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    current: bool = True  # the certificate this key presents now
+
+
+class Client(SQLModel, table=True):
+    __tablename__ = "clients"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    policy: str
+    # Hex SHA-256 of the bearer token.  Tokens are 256-bit random, so a fast
+    # hash is enough (no dictionary to attack) and the token itself is never kept.
+    token_hash: str = Field(unique=True)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEventRow(SQLModel, table=True):
+    """One link of the audit hash chain (see keyd/audit.py for the hash)."""
+
+    __tablename__ = "audit_events"
+
+    # Assigned by the chain writer under the database lock, not by the
+    # database: the row's hash covers its seq, so it must be known up front.
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    at: datetime = Field(sa_type=UTCDateTime, index=True)
+    actor: str
+    action: str
+    kid: str | None = Field(default=None)
+    purpose: str | None = Field(default=None)
+    outcome: str  # ok | refused | error
+    detail: str = Field(sa_type=Text)  # canonical JSON; never payloads or secrets
+    payload_hash: str | None = Field(default=None)
+    prev_hash: str
+    hash: str
+
+
+class SeenJti(SQLModel, table=True):
+    """Replay protection that survives a restart: (issuer, jti) seen before."""
+
+    __tablename__ = "seen_jti"
+
+    issuer: str = Field(primary_key=True)
+    jti: str = Field(primary_key=True)
+    expires_at: datetime = Field(sa_type=UTCDateTime, index=True)
+
+
+class AlertSent(SQLModel, table=True):
+    """One row per expiry alert already sent, so each goes out once."""
+
+    __tablename__ = "alerts_sent"
+
+    subject: str = Field(primary_key=True)
+    threshold: str = Field(primary_key=True)
+    sent_at: datetime = Field(sa_type=UTCDateTime)
+

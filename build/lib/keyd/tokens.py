@@ -1,0 +1,219 @@
+"""Token operations for callers: sign, client assertion, decrypt, verify, unwrap.
+
+Each call checks the caller's policy first, then does exactly one private-key
+operation through the backend, then writes its audit event before the result
+is handed back: if the audit cannot be written the caller gets 503 and no
+token (fail closed).  Refusals are audited too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from keyd import jose
+from keyd.audit import AuditEvent, payload_hash
+from keyd.errors import BadRequest, InvalidSignature, InvalidToken, KeydError, NotFound
+from keyd.model import OaepHash, Purpose, SignScheme
+from keyd.policy import Operation
+from keyd.service import Caller, KeyService, UsableKey
+from keyd.store import queries
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+@dataclass(frozen=True)
+class Signed:
+    token: str
+    kid: str
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    plaintext: bytes
+    kid: str
+    header: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Verified:
+    header: dict[str, Any]
+    payload: bytes
+    kid: str
+
+
+class TokenService:
+    def __init__(self, keys: KeyService) -> None:
+        self.keys = keys
+        self.settings = keys.settings
+        self.clock = keys.clock
+
+    # ------------------------------------------------------------------ signing
+
+    def _signer(self, key: UsableKey) -> jose.Signer:
+        backend = self.keys.backend
+
+        def sign(data: bytes) -> bytes:
+            return backend.sign(key.ref, data, SignScheme.PSS_SHA256)
+
+        return sign
+
+    def _audit(self, caller: Caller, action: str, key: UsableKey | None, data: bytes | None,
+               **detail: Any) -> None:
+        self.keys.audit.record(
+            AuditEvent(
+                actor=caller.name,
+                action=action,
+                kid=None if key is None else key.kid,
+                purpose=None if key is None else key.purpose.value,
+                payload_hash=None if data is None else payload_hash(data),
+                detail=detail,
+            )
+        )
+
+    def refuse(self, caller: Caller | None, action: str, error: KeydError) -> None:
+        """Record a refusal (``caller`` None: no valid credential was shown).
+
+        A failing audit must not hide the original error, so it is swallowed
+        here: the refusal itself already changed nothing.
+        """
+        try:
+            self.keys.audit.record(
+                AuditEvent(actor="unauthenticated" if caller is None else caller.name,
+                           action=action, outcome="refused", detail={"error": error.code})
+            )
+        except KeydError:
+            pass
+
+    def sign_jws(
+        self,
+        caller: Caller,
+        payload: bytes,
+        *,
+        header: dict[str, Any] | None = None,
+        detached: bool = False,
+        claims_in_header: bool = False,
+    ) -> Signed:
+        caller.policy.require(Operation.SIGN, Purpose.SIGNING)
+        key = self.keys.active_key(Purpose.SIGNING)
+        token = jose.sign_jws(
+            self._signer(key), key.kid, payload, extra_header=header, detached=detached,
+            claims_in_header=claims_in_header, iss=self.settings.keyd.client_id,
+            now=self.clock.now(),
+        )
+        self._audit(caller, "sign.jws", key, payload, detached=detached)
+        return Signed(token, key.kid)
+
+    def sign_jwt(self, caller: Caller, claims: dict[str, Any], ttl: int) -> Signed:
+        caller.policy.require(Operation.SIGN, Purpose.SIGNING)
+        # A caller may not speak for another participant: iss and sub, when
+        # given, must be client_ids its policy may assert.
+        for name in ("iss", "sub"):
+            if name in claims:
+                if not isinstance(claims[name], str):
+                    raise BadRequest(f"claim {name!r} must be a string")
+                caller.policy.require_client_id(claims[name])
+        key = self.keys.active_key(Purpose.SIGNING)
+        token = jose.sign_jwt(self._signer(key), key.kid, claims, ttl=ttl, now=self.clock.now())
+        self._audit(caller, "sign.jwt", key, json.dumps(claims, sort_keys=True).encode())
+        return Signed(token, key.kid)
+
+    def client_assertion(self, caller: Caller, audience: str, client_id: str | None) -> Signed:
+        caller.policy.require(Operation.CLIENT_ASSERTION, Purpose.SIGNING)
+        client_id = client_id or self.settings.keyd.client_id
+        caller.policy.require_client_id(client_id)
+        caller.policy.require_audience(audience)
+        key = self.keys.active_key(Purpose.SIGNING)
+        token = jose.client_assertion(
+            self._signer(key), key.kid, client_id=client_id, audience=audience,
+            now=self.clock.now(),
+        )
+        self._audit(caller, "sign.client_assertion", key, None, client_id=client_id,
+                    audience=audience)
+        return Signed(token, key.kid)
+
+    # ------------------------------------------------------------------ decryption
+
+    def decrypt_jwe(self, caller: Caller, compact: str) -> Decrypted:
+        caller.policy.require(Operation.DECRYPT, Purpose.ENCRYPTION)
+        header = jose.parse_jwe_header(compact)
+        kid = header.get("kid")
+        if kid is None:
+            key = self.keys.active_key(Purpose.ENCRYPTION)
+        else:
+            found = self.keys.published_key(kid) if isinstance(kid, str) else None
+            if found is None or found.purpose is not Purpose.ENCRYPTION:
+                # A JWE to our signing key (or to no key of ours) is refused
+                # without any RSA operation.
+                raise InvalidToken("the JWE is not addressed to a published encryption key")
+            key = found
+        if not key.state.may_decrypt:
+            raise InvalidToken(f"key {key.kid} is {key.state.value}; it no longer decrypts")
+        backend = self.keys.backend
+        # Vault transit decrypts RSA-OAEP with SHA-256 only: say so before any
+        # RSA work (the header's alg is public, so this reveals nothing).
+        offered = {h.jwe_alg: h for h in OaepHash}.get(str(header.get("alg")))
+        if offered is not None and offered not in backend.capabilities.oaep_hashes:
+            raise InvalidToken(
+                f"{offered.jwe_alg} is not supported by the {backend.capabilities.name} "
+                "backend; encrypt with RSA-OAEP-256"
+            )
+
+        def unwrap_cek(encrypted_key: bytes, oaep_hash: OaepHash) -> bytes:
+            return backend.decrypt(key.ref, encrypted_key, oaep_hash)
+
+        result = jose.decrypt_jwe(compact, unwrap_cek)
+        self._audit(caller, "decrypt.jwe", key, result.plaintext, alg=header.get("alg"),
+                    enc=header.get("enc"))
+        return Decrypted(result.plaintext, key.kid, result.header)
+
+    # ------------------------------------------------------------------ verification
+
+    def verify_jws(
+        self, caller: Caller, compact: str, issuer: str, payload_b64: str | None = None
+    ) -> Verified:
+        caller.policy.require(Operation.VERIFY)
+        keys = self.keys.issuers.get(issuer)
+        settings = self.settings.issuers.get(issuer)
+        if keys is None or settings is None:
+            raise NotFound(f"no issuer {issuer!r} in config; have {sorted(self.settings.issuers)}")
+        store, now = self.keys.store, self.clock.now()
+
+        def seen_before(jti: str, expires: datetime) -> bool:
+            # write=True: read-then-insert under SQLite's write lock; `now`
+            # lets record_jti purge expired entries as it goes.
+            with store.session("replay check", write=True) as session:
+                return not queries.record_jti(session, issuer, jti, expires, now=now)
+
+        result = jose.verify_jws(
+            compact,
+            keys.key,
+            algorithms=settings.algorithms,
+            now=now,
+            payload_b64=payload_b64,
+            iat_max_age=settings.iat_max_age,
+            max_future=timedelta(seconds=10),
+            replay=seen_before,
+            expected_iss=settings.iss or None,
+        )
+        self._audit(caller, "verify.jws", None, result.payload, issuer=issuer,
+                    signer_kid=result.kid)
+        return Verified(result.header, result.payload, result.kid)
+
+    def unwrap(self, caller: Caller, compact: str, issuer: str) -> tuple[Verified, Decrypted]:
+        """PayNet's signed-then-encrypted response: verify the JWS, then decrypt its JWE."""
+        verified = self.verify_jws(caller, compact, issuer)
+        try:
+            inner = verified.payload.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidToken("the JWS payload is not a compact JWE") from None
+        return verified, self.decrypt_jwe(caller, inner)
+
+    def verify_universal_link(self, caller: Caller, url: str, issuer: str) -> tuple[str, Verified]:
+        consent_id, signature = jose.universal_link_consent(url)
+        verified = self.verify_jws(caller, signature, issuer)
+        if verified.payload != consent_id.encode():
+            raise InvalidSignature("the signature does not cover this link's consent_id")
+        return consent_id, verified
