@@ -99,6 +99,9 @@ def test_an_admin_signs_in_sees_every_kid_rotates_revokes_uploads_and_signs_out(
         for kid in before:  # every published kid is on the overview
             expect(page.locator("code.kid", has_text=kid).first).to_be_visible()
         expect(page.locator("#readiness")).to_have_text("Readiness: ready")
+        # The issuer's certificate ends within the alert thresholds: keyd alerted at start.
+        expect(page.locator("section[aria-labelledby='alerts']")).to_contain_text(
+            "issuer paynet")
         check_page(page, "02-overview")
         session_cookie = next(c for c in ctx.cookies() if c["name"] == "keyd-console")
         assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Strict"

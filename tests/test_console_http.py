@@ -298,3 +298,19 @@ def test_upload_is_offered_only_where_a_certificate_can_be_imported(daemon: Daem
                               data={"csrf": client.headers["x-csrf"],
                                     "pem": cert_pem.decode()})
         assert refused.status_code == 409 and "cannot change" in refused.text
+
+
+def test_an_emergency_rotation_shows_the_retired_key_and_when_it_is_destroyed(
+    daemon: Daemon,
+) -> None:
+    with signed_in(daemon) as client:
+        answer = client.post("/console/keys/encryption/rotate",
+                             data={"csrf": client.headers["x-csrf"], "now": "yes"})
+        assert answer.status_code == 303
+        overview = client.get("/console/")
+        assert "is active" in overview.text  # the flash: the new key took over at once
+        retired = overview.text.split("Retired (still published, still decrypts)")[1]
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC <time class=\"countdown\" "
+                         r"datetime=\"[^\"]+\" data-countdown>\(in (6 d 23 h|7 d 0 h)\)", retired)
+    events = audit_events(daemon, "key.retire")
+    assert any(e["actor"] == "admin-1" for e in events)
