@@ -20,14 +20,14 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS, error_response
 from keyd.api.limits import RateLimiter
 from keyd.api.openapi import document
-from keyd.console import create_console
+from keyd.console import console_routes
 from keyd.errors import BadRequest, KeydError, PayloadTooLarge, RequestTimeout, Unauthorized
 from keyd.metrics import Metrics
 from keyd.service import Caller, KeyService
@@ -276,9 +276,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        # The admin console (keyd/console/): its own sessions, CSRF and headers.
-        Route("/console", lambda r: RedirectResponse("/console/", 308), methods=["GET"]),
-        Mount("/console", app=create_console(service)),
+        *console_routes(service),  # the admin console at /console (keyd/console/)
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
