@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from keyd.errors import ConfigError
 from keyd.model import ALLOWED_KEY_SIZES, KidScheme, Mode, Purpose
+from keyd.resources import default_policies_dir
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -329,6 +330,16 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _policies_dir(base: Path, value: str) -> Path:
+    """``policies_dir`` when set; else ``policies/`` beside the config file when
+    it exists (an operator's /etc/keyd/policies); else the shipped defaults."""
+    if value:
+        return _path(base, value)
+    if (beside := base / "policies").is_dir():
+        return beside
+    return default_policies_dir()
+
+
 def _read_lifecycle(
     t: _Table, purpose: Purpose, mode: Mode, throwaway: bool, backend: str
 ) -> LifecycleSettings:
@@ -478,7 +489,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         client_id=k.text("client_id", ""),
         organisation=k.text("organisation", ""),
         kid=kid,
-        policies_dir=_path(base, k.text("policies_dir", "policies")),
+        policies_dir=_policies_dir(base, k.text("policies_dir", "")),
         publish_transport=k.flag("publish_transport", False),
         throwaway=k.flag("throwaway", False),
         country=k.text("country", "MY"),

@@ -28,20 +28,12 @@ from sqlalchemy.exc import (
 from sqlmodel import Session
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
+from keyd.resources import migrations_dir
 
 log = logging.getLogger(__name__)
 
 # Execution option read by the SQLite "begin" hook: how to open a transaction.
 _BEGIN = "keyd_sqlite_begin"
-
-
-def migrations_dir() -> Path:
-    """The Alembic folder, beside the keyd package (keyd ships as an editable install).
-
-    Found from this file rather than ``keyd.__file__``, which is None when an
-    editable install resolves keyd as a namespace package.
-    """
-    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 class Store:
@@ -80,7 +72,7 @@ class Store:
 
         folder = migrations_dir()
         if not (folder / "env.py").is_file():
-            raise ConfigError(f"migrations folder {folder} not found (install keyd editable)")
+            raise ConfigError(f"migrations folder {folder} has no env.py; reinstall keyd")
         cfg = Config()
         cfg.set_main_option("script_location", str(folder))
         cfg.set_main_option("path_separator", "os")
