@@ -15,12 +15,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyd import config
 from keyd.errors import BackendUnavailable, KeydError
 from keyd.logs import setup_logging
 from keyd.model import Purpose
-from keyd.service import KeyInfo, KeyService
+
+if TYPE_CHECKING:
+    from keyd.service import KeyInfo, KeyService
+
+# Imports stay inside the commands: `keyd --help` and `keyd status` pay only
+# for what they use (bench/cli_startup.py measures it; tests/test_cli_startup.py
+# keeps SQLAlchemy, Alembic, httpx, hvac, pkcs11 and the web stack out).
 
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 1, 2, 70
 
@@ -80,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Iterator[KeyService]:
+    from keyd.service import KeyService
+
     service = KeyService.open(config.load(args.config), require_backend=require_backend)
     try:
         yield service

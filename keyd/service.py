@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
@@ -35,12 +36,14 @@ from keyd.errors import (
     NotFound,
     Unauthorized,
 )
-from keyd.issuers import IssuerKeys
 from keyd.model import KeyState, KidScheme, Mode, Purpose
 from keyd.policy import Policy, load_policies
 from keyd.store import queries
 from keyd.store.db import Store
 from keyd.store.tables import Certificate, Client, KeyVersion
+
+if TYPE_CHECKING:
+    from keyd.issuers import IssuerKeys
 
 log = logging.getLogger("keyd.service")
 
@@ -124,9 +127,13 @@ class KeyService:
         self.audit = audit
         self.clock = clock
         self.policies = load_policies(settings.keyd.policies_dir, settings.keyd.client_id)
-        self.issuers = {
-            name: IssuerKeys(issuer, clock) for name, issuer in settings.issuers.items()
-        }
+        self.issuers: dict[str, IssuerKeys] = {}
+        if settings.issuers:  # httpx and jwcrypto are imported only when there is one
+            from keyd.issuers import IssuerKeys
+
+            self.issuers = {
+                name: IssuerKeys(issuer, clock) for name, issuer in settings.issuers.items()
+            }
         self._lock = threading.Lock()
         self._usable: dict[str, UsableKey] = {}  # kid -> key, every published key
         self._active: dict[Purpose, UsableKey] = {}

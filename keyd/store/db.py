@@ -8,8 +8,10 @@ that is locked, read-only or unreachable surfaces as ``StoreUnavailable``
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,29 @@ log = logging.getLogger(__name__)
 
 # Execution option read by the SQLite "begin" hook: how to open a transaction.
 _BEGIN = "keyd_sqlite_begin"
+
+
+_REVISION = re.compile(r"^(down_revision|revision)\b[^=]*=\s*(.+)$", re.MULTILINE)
+
+
+def _script_head(folder: Path) -> str | None:
+    """The single head of a linear revision history, read from the scripts' text."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in folder.glob("*.py"):
+        try:
+            found = dict(m.groups() for m in _REVISION.finditer(script.read_text("utf-8")))
+            revision = ast.literal_eval(found["revision"])
+            parent = ast.literal_eval(found["down_revision"])
+        except (OSError, UnicodeDecodeError, KeyError, ValueError, SyntaxError):
+            return None
+        if not isinstance(revision, str) or not isinstance(parent, str | None):
+            return None  # a merge revision (a tuple of parents): let Alembic decide
+        revisions.add(revision)
+        if parent is not None:
+            parents.add(parent)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 class Store:
@@ -66,6 +91,8 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to head; running it again (or concurrently) is harmless."""
+        if self._at_head():
+            return  # the common case: no Alembic import, no write lock (a quick `keyd status`)
         from alembic import command
         from alembic.config import Config
         from alembic.util.exc import CommandError
@@ -91,6 +118,23 @@ class Store:
             raise ConfigError(f"store migration failed: {e}") from e
         except SQLAlchemyError as e:
             raise store_error(e, "schema migration") from e
+
+    def _at_head(self) -> bool:
+        """The store already holds the one head revision of the shipped scripts.
+
+        A cheap read that lets every open skip Alembic; anything unusual (no
+        version table, several heads, a script it cannot read) answers False
+        and the full, locked upgrade runs as before.
+        """
+        head = _script_head(migrations_dir() / "versions")
+        if head is None:
+            return False
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        except SQLAlchemyError:
+            return False
+        return [r[0] for r in rows] == [head]
 
     # ---------------------------------------------------------------- sessions
 

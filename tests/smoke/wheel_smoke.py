@@ -132,7 +132,8 @@ def serve_and_check(keyd: Path, work: Path, env: dict[str, str]) -> None:
         obj = jws.deserialize_compact(compact, key_set, algorithms=["PS256"])
         if json.loads(obj.payload) != {"smoke": True}:
             raise SmokeFailure(f"verified payload is {obj.payload!r}")
-        step(f"signed via the local API; joserfc verified it with the JWKS (kid {obj.headers()['kid']})")
+        kid = obj.headers()["kid"]
+        step(f"signed via the local API; joserfc verified it with the JWKS (kid {kid})")
         listed = json.loads(run([str(keyd), "keys", "list", "--json"], cwd=work, env=env))
         active = {k["purpose"] for k in listed if k["state"] == "active"}
         if not {"signing", "encryption"} <= active:
