@@ -47,7 +47,8 @@ def _script_head(folder: Path) -> str | None:
     parents: set[str] = set()
     for script in folder.glob("*.py"):
         try:
-            found = dict(m.groups() for m in _REVISION.finditer(script.read_text("utf-8")))
+            text_ = script.read_text("utf-8")
+            found = {m.group(1): m.group(2) for m in _REVISION.finditer(text_)}
             revision = ast.literal_eval(found["revision"])
             parent = ast.literal_eval(found["down_revision"])
         except (OSError, UnicodeDecodeError, KeyError, ValueError, SyntaxError):
