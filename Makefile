@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEBS   := softhsm2 wrk systemd
 
-.PHONY: run test lint bench setup system-packages clean
+.PHONY: run test lint bench setup system-packages clean dist install
 
 run: setup            ## sandbox keys, JWKS and local API up on the default config.toml
 	$(BIN)/keyd --config config.toml init
@@ -23,6 +23,16 @@ bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
 	$(BIN)/python bench/cli_startup.py
+
+dist: setup          ## the sdist and the wheel (built from the sdist) in dist/
+	$(BIN)/python -m build --outdir dist .
+
+# From a wheel to the systemd layout (systemd/README.md); as root.  ROOT=DIR
+# installs under DIR instead (staging, tests).  WHEEL defaults to the newest in dist/.
+WHEEL ?= $(lastword $(sort $(wildcard dist/keyd-*.whl)))
+install:
+	@test -n "$(WHEEL)" || { echo "no wheel: run make dist first, or give WHEEL=path" >&2; exit 1; }
+	sh systemd/install.sh $(if $(ROOT),--root $(ROOT)) $(WHEEL)
 
 setup: system-packages $(STAMP)
 
@@ -42,4 +52,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build dist .pytest_cache .mypy_cache .ruff_cache
