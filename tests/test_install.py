@@ -13,7 +13,10 @@ wheel install in CI.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -134,3 +137,50 @@ def test_install_again_upgrades_but_keeps_config_policies_and_secret(
     out = install(root, wheel).stdout
     assert "kept" in out
     assert (config.read_bytes(), key.read_bytes()) == before
+
+
+def readme_commands() -> list[list[str]]:
+    """The keyd and keyd-admin command lines in systemd/README.md's sh blocks."""
+    text = (REPO / "systemd" / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+        for line in block.splitlines():
+            words = shlex.split(line.split(" #", 1)[0], comments=True)
+            words = [w for w in words if w != "sudo"]
+            if words and words[0] in ("keyd", "keyd-admin"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_walkthrough_keyd_commands_parse_with_this_cli() -> None:
+    """Every `keyd-admin ...` in systemd/README.md is a command this keyd accepts."""
+    from keyd.cli import _parser
+
+    commands = readme_commands()
+    assert {c[0] for c in commands} >= {"init", "keys", "csr", "cert", "status", "client"}
+    for words in commands:
+        redirect = next((i for i, w in enumerate(words) if w in ("<", ">")), len(words))
+        _parser().parse_args(words[:redirect])  # a usage error exits 2 and fails the test
+
+
+def test_walkthrough_make_targets_exist() -> None:
+    for target in ("dist", "install"):
+        result = subprocess.run(["make", "-n", "-C", str(REPO), target, "WHEEL=x.whl"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+
+def test_certificate_import_reads_the_chain_from_standard_input(tmp_path: Path) -> None:
+    """`keyd-admin cert import KID /dev/stdin < chain.pem` (systemd-run --pipe passes stdin)."""
+    from tests.daemon import KEYD, keyd, write_config
+    from tests.test_cli import FakeCA
+
+    config = write_config(tmp_path, {"keyd": {"mode": "production"}})
+    keyd(config, "init")
+    signing = next(k for k in json.loads(keyd(config, "keys", "list", "--json").stdout)
+                   if k["purpose"] == "signing")
+    chain = FakeCA().issue(keyd(config, "csr", signing["kid"]).stdout)
+    result = subprocess.run([*KEYD, "--config", str(config), "cert", "import", signing["kid"],
+                             "/dev/stdin"], input=chain, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert b"active" in result.stdout
