@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,8 +96,24 @@ def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Itera
         service.close()
 
 
-def _days_left(when: datetime | None, now: datetime) -> str:
-    return "-" if when is None else f"{(when - now).total_seconds() / 86400:.1f}"
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _relative(when: datetime, now: datetime) -> str:
+    """"in 12 d", "in 5 h", "in 3 min", "now", "2 d ago": the largest whole unit."""
+    seconds = (when - now).total_seconds()
+    size = abs(seconds)
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if size >= span:
+            amount = f"{int(size // span)} {unit}"
+            return f"in {amount}" if seconds > 0 else f"{amount} ago"
+    return "now"
+
+
+def _when(when: datetime | None, now: datetime) -> str:
+    """RFC 3339 and relative: "2027-01-01T00:00:00Z (in 397 d)"."""
+    return "-" if when is None else f"{_rfc3339(when)} ({_relative(when, now)})"
 
 
 def _print_keys(keys: list[KeyInfo], as_json: bool) -> None:
@@ -120,7 +136,16 @@ def cmd_init(args: argparse.Namespace) -> None:
             path = local.create_master_key_file(settings)
             print(f"created master key {path} (0600); back it up off this host", file=sys.stderr)
     with _service(args) as service:
-        _print_keys(service.init(), as_json=False)
+        keys = service.init()
+    _print_keys(keys, as_json=False)
+    waiting = [k for k in keys if k.state.value == "awaiting_certificate"]
+    if waiting:
+        # Production: nothing signs until the CA's certificates are imported.
+        print("next: for each key above, send its CSR to your CA and import the chain it returns:",
+              file=sys.stderr)
+        for k in waiting:
+            print(f"  keyd csr {k.id} > {k.purpose.value}.csr   then   "
+                  f"keyd cert import {k.id} {k.purpose.value}-chain.pem", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -153,7 +178,14 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     with _service(args) as service:
         service.admin_caller()  # the CLI acts as admin; no admin policy, no rotation
         info = service.rotate(Purpose(args.purpose), actor="cli", now=args.now)
-    print(f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}")
+        now = service.clock.now()
+    line = f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}"
+    if info.activates_at is not None:
+        line += (f"; published now, it starts signing at {_rfc3339(info.activates_at)} "
+                 f"({_relative(info.activates_at, now)})")
+    elif info.state.value == "awaiting_certificate":
+        line += f"; next: keyd csr {info.id}, then keyd cert import {info.id} CHAIN.pem"
+    print(line)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -234,10 +266,13 @@ def cmd_status(args: argparse.Namespace) -> None:
                           for k in keys], indent=2))
         return
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    print(f"{'DAYS':>7}  {'PURPOSE':<11} {'STATE':<21} KID")
-    for k in keys:
-        line = (f"{_days_left(k.not_after, now):>7}  {k.purpose.value:<11} {k.state.value:<21} "
-                f"{k.kid or k.id}")
+    rows = [(k.purpose.value, k.state.value, _when(k.not_after, now),
+             f"{k.kid or k.id}" + (f"  starts signing {_when(k.activates_at, now)}"
+                                   if k.activates_at is not None else "")) for k in keys]
+    width = max([len("EXPIRES"), *(len(r[2]) for r in rows)])
+    print(f"{'PURPOSE':<11} {'STATE':<21} {'EXPIRES':<{width}}  KID")
+    for k, (purpose, state, expires, kid) in zip(keys, rows, strict=True):
+        line = f"{purpose:<11} {state:<21} {expires:<{width}}  {kid}"
         print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
     missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
     for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
@@ -266,14 +301,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
             print("audit chain intact")
             return
         rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
-    for row in rows:
-        record = {
-            "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
-            "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
-        }
-        print(json.dumps(record) if args.json else
-              f"{row.seq:>6} {row.at:%Y-%m-%dT%H:%M:%SZ} {row.actor:<12} {row.action:<22} "
-              f"{row.outcome:<8} {row.kid or '-'}")
+    records = [{
+        "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
+        "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
+    } for row in rows]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    table = [(str(row.seq), _rfc3339(row.at), row.actor, row.action, row.outcome, row.kid or "-")
+             for row in rows]
+    header = ("SEQ", "AT", "ACTOR", "ACTION", "OUTCOME", "KID")
+    widths = [max([len(h), *(len(r[i]) for r in table)]) for i, h in enumerate(header)]
+    for cells in (header, *table):
+        print(f"{cells[0]:>{widths[0]}}  " + "  ".join(
+            f"{c:<{w}}" for c, w in zip(cells[1:-1], widths[1:-1], strict=True)) + f"  {cells[-1]}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

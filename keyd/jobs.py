@@ -135,7 +135,6 @@ class Jobs:
         if action.step is Step.ACTIVATE:
             assert action.key_id is not None
             service.activate(action.key_id, actor=ACTOR, reason=action.reason)
-            LIFECYCLE.rotated(purpose)
             return True
         if action.step is Step.DESTROY:
             assert action.key_id is not None

@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -86,6 +86,10 @@ class KeyInfo:
     created_at: datetime
     not_before: datetime | None
     not_after: datetime | None
+    activated_at: datetime | None = None
+    # A pending key's first moment of signing: published + prepublish (the
+    # scheduler activates it at its first run from then on).
+    activates_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -100,6 +104,8 @@ class KeyInfo:
             "created_at": _rfc3339(self.created_at),
             "not_before": _rfc3339(self.not_before),
             "not_after": _rfc3339(self.not_after),
+            **({"activates_at": _rfc3339(self.activates_at)}
+               if self.state is KeyState.PENDING else {}),
         }
 
 
@@ -322,7 +328,24 @@ class KeyService:
     def keys(self) -> list[KeyInfo]:
         with self.store.session() as session:
             rows = queries.all_keys(session)
-            return [_info(k, self._current_leaf(session, k.id)) for k in rows]
+            return [self._dated(_info(k, self._current_leaf(session, k.id)), k) for k in rows]
+
+    def _dated(self, info: KeyInfo, key: KeyVersion) -> KeyInfo:
+        """``info`` with a pending key's activation time (lifecycle.ready_at)."""
+        if info.state is not KeyState.PENDING or key.publish_at is None:
+            return info
+        return replace(info, activates_at=utc(key.publish_at)
+                       + self.settings.lifecycle[info.purpose].prepublish)
+
+    def rotation_counts(self, keys: list[KeyInfo] | None = None) -> dict[Purpose, int]:
+        """Rotations completed per purpose, from the store (so the CLI's, the
+        admin API's and every replica's count): each key activated after the first.
+        ``keys`` is a fresh ``keys()`` the caller already has."""
+        counts = {p: 0 for p in Purpose}
+        for key in self.keys() if keys is None else keys:
+            if key.activated_at is not None:
+                counts[key.purpose] += 1
+        return {p: max(n - 1, 0) for p, n in counts.items()}
 
     def _current_leaf(self, session: Session, key_id: str) -> cx509.Certificate | None:
         cert = queries.current_certificate(session, key_id)
@@ -539,7 +562,9 @@ class KeyService:
             self._audit_simple(actor, "key.rotate", existing, {"now": now})
         if now and existing.state is KeyState.PENDING:
             return self.activate(existing.id, actor=actor, reason="admin rotation --now")
-        return existing
+        with self.store.session("lifecycle read") as session:
+            row = queries.key_by_id(session, existing.id)
+        return existing if row is None else self._dated(existing, row)
 
     def revoke(self, kid_or_id: str, *, reason: str, actor: str) -> tuple[KeyInfo, KeyInfo | None]:
         """Revoke a key: out of the JWKS at once, refused for every operation.
@@ -798,4 +823,5 @@ def _info(key: KeyVersion, leaf: cx509.Certificate | None) -> KeyInfo:
         created_at=utc(key.created_at),
         not_before=None if leaf is None else utc(leaf.not_valid_before_utc),
         not_after=None if leaf is None else utc(leaf.not_valid_after_utc),
+        activated_at=None if key.activated_at is None else utc(key.activated_at),
     )

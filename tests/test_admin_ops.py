@@ -62,6 +62,6 @@ def test_cli_rotate_now_and_revoke_and_status_json(tmp_path: Path) -> None:
     status = json.loads(keyd(cfg, "status", "--json").stdout)
     assert [s["state"] for s in status if s["purpose"] == "encryption"].count("active") == 1
     assert all(s["days_left"] is not None for s in status)
-    audit = keyd(cfg, "audit", "--json", "--limit", "100").stdout.splitlines()
-    actions = {json.loads(line)["action"] for line in audit}
+    audit = json.loads(keyd(cfg, "audit", "--json", "--limit", "100").stdout)
+    actions = {event["action"] for event in audit}
     assert {"key.rotate", "key.activate", "key.retire", "key.revoke"} <= actions

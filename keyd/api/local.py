@@ -249,6 +249,7 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
              None if k.not_after is None else k.not_after.timestamp())
             for k in keys
         ])
+        metrics.observe_rotations(service.rotation_counts(keys))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     openapi = JSONResponse(document())
