@@ -8,10 +8,12 @@ or a systemd credential, and they print masked.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,12 @@ from keyd.resources import default_policies_dir
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_PRODUCTION_VALIDITY = timedelta(days=365)
+
+
+def one_of(values: Iterable[object], last: str = "or") -> str:
+    """Values in plain words: ``2048, 3072 or 4096`` (never a Python repr of a list)."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
 def parse_duration(value: object, where: str) -> timedelta:
@@ -303,7 +311,10 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(f"[{self.where}] has unknown key {unknown[0]!r}")
+            where = f"[{self.where}] has unknown key" if self.where else "unknown table"
+            near = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise ConfigError(f"{where} {unknown[0]!r}{hint}")
 
 
 def _listen(value: str, where: str, *, loopback_only: bool) -> Listen:
@@ -346,7 +357,7 @@ def _read_lifecycle(
     defaults = _PRODUCTION_DEFAULTS if mode is Mode.PRODUCTION else _SANDBOX_DEFAULTS
     size = t.integer("key_size", 2048)
     if size not in ALLOWED_KEY_SIZES:
-        raise ConfigError(f"{t.name('key_size')}: {size} is not one of {ALLOWED_KEY_SIZES}")
+        raise ConfigError(f"{t.name('key_size')}: {size} is not {one_of(ALLOWED_KEY_SIZES)}")
     settings = LifecycleSettings(
         purpose=purpose,
         enabled=t.flag("enabled", True),
@@ -397,8 +408,8 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     bad = [a for a in algorithms if a not in _ISSUER_ALGS]
     if bad or not algorithms:
         raise ConfigError(
-            f"{t.name('algorithms')}: {bad or algorithms!r} not allowed; "
-            f"choose from {sorted(_ISSUER_ALGS)}"
+            f"{t.name('algorithms')}: {one_of(bad, 'and') if bad else 'an empty list'} "
+            f"not allowed; use {one_of(sorted(_ISSUER_ALGS))}"
         )
     settings = IssuerSettings(
         name=name,
@@ -480,8 +491,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     try:
         kid = KidScheme(k.text("kid", "x5t#S256"))
     except ValueError:
-        choices = [s.value for s in KidScheme]
-        raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not one of {choices}") from None
+        raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not "
+                          f"{one_of([s.value for s in KidScheme])}") from None
     data_dir = _path(base, k.text("data_dir", "var"))
     keyd = KeydSettings(
         mode=mode,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from keyd.config import one_of
 from keyd.errors import ConfigError, Forbidden
 from keyd.model import Purpose
 
@@ -68,13 +69,14 @@ def parse_policy(name: str, data: dict[str, object], client_id: str, where: str)
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     ops = _strings(data, "operations", where)
     purposes = _strings(data, "purposes", where)
-    try:
-        operations = frozenset(Operation) if "*" in ops else frozenset(Operation(o) for o in ops)
-        purpose_set = (
-            frozenset(Purpose) if "*" in purposes else frozenset(Purpose(p) for p in purposes)
-        )
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    for key, given, enum in (("operations", ops, Operation), ("purposes", purposes, Purpose)):
+        valid = [m.value for m in enum]
+        if bad := [v for v in given if v != "*" and v not in valid]:
+            raise ConfigError(f"{where}: {key}: {bad[0]!r} is not {one_of(['*', *valid])}")
+    operations = frozenset(Operation) if "*" in ops else frozenset(Operation(o) for o in ops)
+    purpose_set = (
+        frozenset(Purpose) if "*" in purposes else frozenset(Purpose(p) for p in purposes)
+    )
     client_ids = frozenset(
         client_id if c == "$client_id" else c for c in _strings(data, "client_ids", where)
     )
