@@ -50,7 +50,11 @@ WHEEL_MUST_HOLD = ("keyd/migrations/env.py", "keyd/migrations/script.py.mako",
                    "keyd/policies/admin.toml", "keyd/policies/service.toml",
                    "keyd/policies/vault/keyd-transit.hcl")
 SDIST_MUST_HOLD = ("setup.py", "migrations/env.py", "migrations/versions/0001_initial.py",
-                   "policies/admin.toml", "policies/service.toml")
+                   "policies/admin.toml", "policies/service.toml",
+                   # what `make install` needs beside the wheel (MANIFEST.in)
+                   "Makefile", "systemd/install.sh", "systemd/keyd.service",
+                   "systemd/keyd-admin", "systemd/config.toml", "systemd/README.md",
+                   "docs/config.md", "README.md")
 
 
 class SmokeFailure(Exception):
