@@ -139,6 +139,8 @@ SCHEMAS: dict[str, Any] = {
                                                  "retired", "destroyed", "revoked"]},
             "alg": {"type": ["string", "null"]},
             "not_after": {"type": ["string", "null"]},
+            "activates_at": {"type": ["string", "null"], "format": "date-time",
+                             "description": "a pending key: when it starts signing"},
         },
     },
     "KeyList": {
