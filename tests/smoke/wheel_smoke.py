@@ -7,6 +7,14 @@ JWKS fetched over HTTP, a JWS signed through the local API and verified with
 the fetched JWKS by an independent library (joserfc, run from the checkout's
 venv, not the fresh one), `keyd keys list --json`, and a clean stop.
 
+Then the production walk-through of systemd/README.md as far as a machine
+without systemd as PID 1 allows: systemd/install.sh installs the same wheel
+(with its dependencies) under a temp root; the installed binary, given the
+master key the way systemd's LoadCredential= does ($CREDENTIALS_DIRECTORY),
+runs `init` in production mode, `csr` for each key, `cert import KID
+/dev/stdin` with a test CA's chain, `status`, and `serve`, whose JWKS then
+holds the CA-issued keys.
+
 Prints one line per step and a last line "wheel smoke: OK" or
 "wheel smoke: FAILED: ..."; exits 0 or 1.  Usage:
     python tests/smoke/wheel_smoke.py [--keep]
@@ -24,6 +32,8 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,6 +41,9 @@ from joserfc import jws
 from joserfc.jwk import KeySet
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from tests.test_cli import FakeCA  # noqa: E402 - the checkout's test CA, after the path is set
+
 START_TIMEOUT = 60.0
 CONFIG = """\
 [keyd]
@@ -112,18 +125,7 @@ def serve_and_check(keyd: Path, work: Path, env: dict[str, str]) -> None:
     token = run([str(keyd), "client", "add", "smoke", "--policy", "service"],
                 cwd=work, env=env).strip()
     step("init and client add in a folder holding only config.toml (shipped policies)")
-    endpoints = work / "var" / "endpoints.json"
-    log = (work / "serve.log").open("wb")
-    proc = subprocess.Popen([str(keyd), "serve"], cwd=work, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not endpoints.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SmokeFailure("keyd serve did not start:\n" +
-                                   (work / "serve.log").read_text()[-3000:])
-            time.sleep(0.1)  # readiness poll
-        addresses = json.loads(endpoints.read_text())
+    with serving(keyd, work, env, work / "var") as addresses:
         jwks = httpx.get(f"http://{addresses['public']}/jwks", timeout=10)
         jwks.raise_for_status()
         key_set = KeySet.import_key_set(jwks.json())
@@ -143,6 +145,25 @@ def serve_and_check(keyd: Path, work: Path, env: dict[str, str]) -> None:
         if not {"signing", "encryption"} <= active:
             raise SmokeFailure(f"keys list --json has active keys for {sorted(active)} only")
         step(f"keys list --json: {len(listed)} keys, active for {sorted(active)}")
+    step("serve stopped cleanly on SIGTERM")
+
+
+@contextmanager
+def serving(keyd: Path, work: Path, env: dict[str, str], data_dir: Path,
+            config: list[str] | None = None) -> Iterator[dict[str, str]]:
+    """`keyd serve` until the block ends, then SIGTERM and a clean exit."""
+    endpoints = data_dir / "endpoints.json"
+    log = (work / "serve.log").open("wb")
+    proc = subprocess.Popen([str(keyd), *(config or []), "serve"], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not endpoints.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SmokeFailure("keyd serve did not start:\n" +
+                                   (work / "serve.log").read_text()[-3000:])
+            time.sleep(0.1)  # readiness poll
+        yield json.loads(endpoints.read_text())
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -155,7 +176,66 @@ def serve_and_check(keyd: Path, work: Path, env: dict[str, str]) -> None:
         log.close()
     if proc.returncode != 0:
         raise SmokeFailure(f"keyd serve exited {proc.returncode} on SIGTERM")
-    step("serve stopped cleanly on SIGTERM")
+
+
+def production(wheel: Path, root: Path, env: dict[str, str]) -> None:
+    """systemd/README.md's walk-through, under a temp root, without systemd."""
+    out = run(["sh", str(REPO / "systemd" / "install.sh"), "--root", str(root), str(wheel)],
+              cwd=root.parent, env={**env, "PYTHON": sys.executable})
+    if "keyd-admin init" not in out:
+        raise SmokeFailure(f"install.sh did not name the next step:\n{out}")
+    keyd = root / "usr/local/bin/keyd"
+    # The installed template, filled in as the operator does (step 3), with the
+    # unit's directories moved under the root.
+    config = root / "etc/keyd/config.toml"
+    text = config.read_text()
+    for old, new in (('client_id = ""', 'client_id = "smoke-prod-0001"'),
+                     ('organisation = ""', 'organisation = "Smoke Production"'),
+                     ('"/var/lib/keyd"', f'"{root}/var/lib/keyd"'),
+                     ('"/run/keyd/keyd.sock"', f'"{root}/run/keyd/keyd.sock"'),
+                     ('"127.0.0.1:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:8081"', '"127.0.0.1:0"')):
+        if old not in text:
+            raise SmokeFailure(f"config template lacks {old}")
+        text = text.replace(old, new)
+    config.write_text(text)
+    (root / "run/keyd").mkdir(parents=True)
+    # LoadCredential=master-key:keyd.master-key, as keyd-admin and the unit pass it.
+    creds = root / "run/credentials/keyd.service"
+    creds.mkdir(parents=True)
+    shutil.copy(root / "etc/credstore/keyd.master-key", creds / "master-key")
+    env = {**env, "CREDENTIALS_DIRECTORY": str(creds)}
+    admin = [str(keyd), "--config", str(config)]
+    work = root / "var/lib"
+    work.mkdir(parents=True, exist_ok=True)
+
+    init = subprocess.run([*admin, "init"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    if init.returncode != 0 or "keyd csr" not in init.stderr:
+        raise SmokeFailure(f"production init: {init.stdout}{init.stderr}")
+    if (root / "var/lib/keyd/master.key").exists():
+        raise SmokeFailure("init made a master.key file although the credential was given")
+    waiting = json.loads(run([*admin, "keys", "list", "--json"], cwd=work, env=env))
+    if {k["state"] for k in waiting} != {"awaiting_certificate"}:
+        raise SmokeFailure(f"after a production init: {waiting}")
+    step(f"installed; production init: {len(waiting)} keys await certificates, "
+         "master key from the credential")
+    ca = FakeCA()
+    for key in waiting:
+        chain = ca.issue(run([*admin, "csr", key["kid"]], cwd=work, env=env))
+        imported = subprocess.run([*admin, "cert", "import", key["kid"], "/dev/stdin"],
+                                  cwd=work, env=env, input=chain, capture_output=True,
+                                  timeout=120)
+        if imported.returncode != 0:
+            raise SmokeFailure(f"cert import: {imported.stderr.decode()}")
+    status = run([*admin, "status"], cwd=work, env=env)
+    if status.count(" active ") != 3:
+        raise SmokeFailure(f"status after the imports:\n{status}")
+    step("csr, CA, cert import KID /dev/stdin for each key; status: 3 active")
+    with serving(keyd, work, env, root / "var/lib/keyd", ["--config", str(config)]) as addresses:
+        published = httpx.get(f"http://{addresses['public']}/jwks", timeout=10).json()["keys"]
+    if len(published) != 2 or any(len(k["x5c"]) != 2 for k in published):
+        raise SmokeFailure(f"production JWKS: {published}")
+    step("serve: the JWKS holds the CA-issued signing and encryption keys; stopped cleanly")
 
 
 def main() -> int:
@@ -171,6 +251,7 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("KEYD_")}
         serve_and_check(keyd, root / "work", env)
+        production(wheel, root / "root", env)
     except (SmokeFailure, subprocess.TimeoutExpired, httpx.HTTPError, KeyError) as e:
         print(f"wheel smoke: FAILED: {e}", flush=True)
         print(f"wheel smoke: files kept in {root}", flush=True)
