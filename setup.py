@@ -11,10 +11,18 @@ live outside the folder it searches.
 from setuptools import find_packages, setup
 
 setup(
-    packages=[*find_packages(include=["keyd", "keyd.*"]), "keyd.migrations", "keyd.policies"],
+    packages=[
+        *find_packages(include=["keyd", "keyd.*"]),
+        # data folders: named here so setuptools ships them without warning
+        "keyd.migrations", "keyd.migrations.versions", "keyd.policies", "keyd.policies.vault",
+    ],
     package_dir={"keyd.migrations": "migrations", "keyd.policies": "policies"},
     package_data={
-        "keyd.migrations": ["script.py.mako", "versions/*.py"],
-        "keyd.policies": ["*.toml", "vault/*.hcl"],
+        # Templates and static files beside any package (the admin console's) ship too.
+        "": ["templates/*", "templates/**/*", "static/*", "static/**/*"],
+        "keyd.migrations": ["script.py.mako"],
+        "keyd.migrations.versions": ["*.py"],
+        "keyd.policies": ["*.toml"],
+        "keyd.policies.vault": ["*.hcl"],
     },
 )
