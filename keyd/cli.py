@@ -97,7 +97,9 @@ def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Itera
 
 
 def _rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Seconds, UTC, "Z"; a naive time is the store's UTC."""
+    utc = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _relative(when: datetime, now: datetime) -> str:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from keyd.cli import _relative, _when
+from keyd.cli import _relative, _rfc3339, _when
 
 NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
 
@@ -26,3 +26,4 @@ def test_when_is_rfc3339_in_utc_then_relative() -> None:
     later = datetime(2027, 1, 1, 8, 0, 0, tzinfo=UTC) + timedelta(microseconds=5)
     assert _when(later, NOW) == "2027-01-01T08:00:00Z (in 31 d)"
     assert _when(None, NOW) == "-"
+    assert _rfc3339(datetime(2027, 1, 1, 8, 0, 0)) == "2027-01-01T08:00:00Z"  # naive: UTC
