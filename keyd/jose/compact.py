@@ -139,7 +139,12 @@ def _cheap_depth(text: str, limit: int = MAX_NESTING) -> int:
 
 
 def strict_json(
-    data: bytes, what: str, error: type[KeydError] = InvalidToken, *, depth: int = MAX_NESTING
+    data: bytes,
+    what: str,
+    error: type[KeydError] = InvalidToken,
+    *,
+    depth: int = MAX_NESTING,
+    too_deep: type[KeydError] | None = None,
 ) -> Any:
     """The one strict JSON reader, for tokens, JWKS documents and request bodies.
 
@@ -154,19 +159,19 @@ def strict_json(
     except UnicodeDecodeError as e:
         raise error(f"{what} is not UTF-8") from e
     if _cheap_depth(text, depth) > depth:
-        raise error(f"{what} is nested deeper than {depth} levels")
+        raise (too_deep or error)(f"{what} is nested deeper than {depth} levels")
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates,
                            parse_constant=_refuse_constant, parse_float=_finite_float)
-        too_deep = _check_tree(value, depth) > depth
+        nested = _check_tree(value, depth) > depth
     except _Duplicate as e:
         raise error(f"{what} has the member {show(str(e))} twice") from e
     except _LoneSurrogate as e:
         raise error(f"{what} holds a lone surrogate (\\ud800-\\udfff)") from e
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise error(f"{what} is not valid JSON: {show(str(e), 120)}") from e
-    if too_deep:
-        raise error(f"{what} is nested deeper than {depth} levels")
+    if nested:
+        raise (too_deep or error)(f"{what} is nested deeper than {depth} levels")
     return value
 
 
