@@ -22,6 +22,7 @@ bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_jws.py
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
+	$(BIN)/python bench/issuer_isolation.py
 
 setup: system-packages $(STAMP)
 

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,10 +207,9 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
         shape = Shape(tuple(requires), None if fields is None or not has_body
                       else frozenset(fields), action)
 
-        def work(caller: Caller, body: Body, params: Params, wait: bool) -> bytes:
-            context: AbstractContextManager[None] = nullcontext() if wait else defer_fetches()
+        def work(caller: Caller, body: Body, params: Params) -> bytes:
             try:
-                with context:
+                with defer_fetches():
                     answer = operation(caller, body, params)
             except KeydError as e:
                 if 400 <= e.status < 500:
@@ -248,20 +246,24 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
                         await loop.run_in_executor(workers, tokens.refuse, caller, name, e)
                     raise
                 params = dict(request.path_params)
-                try:
-                    data = await loop.run_in_executor(workers, work, caller, body, params, False)
-                except FetchPending as pending:
-                    # An issuer's JWKS is being fetched: wait for it here, on
-                    # the loop, so no worker thread is parked on a slow issuer.
+                deadline: float | None = None
+                while True:
                     try:
-                        await asyncio.wait_for(
-                            asyncio.shield(asyncio.wrap_future(pending.future)),
-                            pending.timeout)
-                    except TimeoutError:
-                        raise IssuerUnavailable(
-                            f"issuer {pending.issuer}: the JWKS fetch did not finish within "
-                            f"{pending.timeout:g} s") from None
-                    data = await loop.run_in_executor(workers, work, caller, body, params, True)
+                        data = await loop.run_in_executor(workers, work, caller, body, params)
+                        break
+                    except FetchPending as pending:
+                        # An issuer's JWKS is being fetched: wait for it here,
+                        # on the loop, so no worker thread is parked on a slow
+                        # issuer; then try again.  At most fetch_timeout in all.
+                        deadline = deadline or loop.time() + pending.timeout
+                        try:
+                            await asyncio.wait_for(
+                                asyncio.shield(asyncio.wrap_future(pending.future)),
+                                max(0.0, deadline - loop.time()))
+                        except TimeoutError:
+                            raise IssuerUnavailable(
+                                f"issuer {pending.issuer}: the JWKS fetch did not finish "
+                                f"within {pending.timeout:g} s") from None
                 outcome = "ok"
                 return Response(data, media_type="application/json")
             except KeydError as e:
