@@ -232,8 +232,8 @@ class TokenService:
             replay=seen_before,
             expected_iss=settings.iss or None,
             require=settings.require,
+            check_payload=lambda payload: self._check_claims(payload, settings, "the payload"),
         )
-        self._check_claims(result.payload, settings, "the payload")
         self._audit(caller, "verify.jws", None, result.payload, issuer=issuer,
                     signer_kid=result.kid)
         return Verified(result.header, result.payload, result.kid)

@@ -273,6 +273,15 @@ def test_claims_the_same_token_is_never_accepted_twice(svc: httpx.Client) -> Non
     refused(svc.post("/v1/verify/jws", json={"jws": compact, "issuer": "paynet"}), 422)
 
 
+def test_claims_a_token_refused_for_its_claims_does_not_burn_its_jti(svc: httpx.Client) -> None:
+    header = paynet_header()
+    expired = token(header, json.dumps({"exp": int(time.time()) - 3600}))
+    refused(svc.post("/v1/verify/jws", json={"jws": expired, "issuer": "paynet"}), 422)
+    fine = token(header, json.dumps({"exp": int(time.time()) + 600}))
+    answer = svc.post("/v1/verify/jws", json={"jws": fine, "issuer": "paynet"})
+    assert answer.status_code == 200, answer.text
+
+
 def test_claims_a_jti_without_iat_is_refused(svc: httpx.Client) -> None:
     compact = token({**ACME, "jti": str(uuid.uuid4())}, b"{}")
     detail = refused(svc.post("/v1/verify/jws", json={"jws": compact, "issuer": "acme"}),

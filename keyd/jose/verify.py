@@ -269,6 +269,7 @@ def verify_jws(
     replay: ReplayCheck | None = None,
     expected_iss: str | None = None,
     require: Sequence[str] = (),
+    check_payload: Callable[[bytes], None] | None = None,
 ) -> VerifiedJws:
     """Verify a compact (or detached, ``h..s``) JWS against the issuer's keys.
 
@@ -278,6 +279,8 @@ def verify_jws(
     header members every message of this issuer carries.  With ``replay``, a
     ``jti`` is remembered until its ``iat`` leaves the accepted window, so a
     ``jti`` without ``iat`` (no bound on how long to remember it) is refused.
+    ``check_payload`` runs on the verified payload before the jti is
+    recorded, so a token refused for its claims changes nothing.
     """
     if isinstance(algorithms, str):  # "PS256" is a Sequence too; never match substrings
         algorithms = (algorithms,)
@@ -317,6 +320,8 @@ def verify_jws(
 
     public = _public_key(keys(kid), alg, kid)
     _check_signature(public, alg, signature, h_seg.encode("ascii") + b"." + signed_payload)
+    if check_payload is not None:
+        check_payload(payload)
 
     if jti is not None and replay is not None and iat is not None and iat_max_age is not None:
         # Remember the jti for as long as the token could still be accepted:
