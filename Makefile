@@ -23,6 +23,7 @@ bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
 	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/issuer_isolation.py
 
 dist: setup          ## the sdist and the wheel (built from the sdist) in dist/
 	$(BIN)/python -m build --outdir dist .

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keyd import config
 from keyd.errors import BackendUnavailable, KeydError
@@ -74,10 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     al = sub.add_parser("alerts", help="alert channels").add_subparsers(
         dest="alerts_command", required=True, parser_class=_Parser)
     al.add_parser("test", help="send a test alert to every configured channel")
-    st = sub.add_parser("status", help="expiries at a glance")
+    st = sub.add_parser("status", help="expiries at a glance, and the issuers' keys")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--issuers", action="store_true",
+                    help="with --json: an object with the keys and the issuers section")
     audit = sub.add_parser("audit", help="the audit log")
-    audit.add_argument("audit_command", nargs="?", choices=["list", "verify"], default="list")
+    audit.add_argument("audit_command", nargs="?", choices=["list", "verify", "head"],
+                       default="list")
+    audit.add_argument("--expect", metavar="LENGTH:HASH",
+                       help="verify: fail unless the chain still reaches this earlier head")
     audit.add_argument("--action")
     audit.add_argument("--kid")
     audit.add_argument("--limit", type=int, default=50)
@@ -257,15 +262,42 @@ def cmd_client(args: argparse.Namespace) -> None:
         print(token)
 
 
+def _issuer_status(service: KeyService) -> list[dict[str, Any]]:
+    """Each configured issuer, fetched now: its kept kids, dropped keys and why."""
+    report = []
+    for issuer in service.issuers.values():
+        try:
+            issuer.refresh()
+        except KeydError:
+            pass  # last_error in the status says why
+        report.append(issuer.status())
+    return report
+
+
+def _print_issuers(issuers: list[dict[str, Any]]) -> None:
+    if not issuers:
+        return
+    print(f"\n{'ISSUER':<16} {'KEYS':>4} {'DROPPED':>7}  JWKS")
+    for i in issuers:
+        print(f"{i['issuer']:<16} {len(i['kids']):>4} {len(i['dropped']):>7}  {i['jwks_uri']}")
+        for reason in i["dropped"]:
+            print(f"  dropped: {reason}")
+        if i["last_error"]:
+            print(f"  error: {i['last_error']}")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with _service(args) as service:
         now = service.clock.now()
         keys = [k for k in service.keys() if k.state.value not in ("destroyed", "revoked")]
+        issuers = _issuer_status(service) if args.issuers or not args.json else []
     keys.sort(key=lambda k: (k.not_after is None, k.not_after or now))
     if args.json:
-        print(json.dumps([{**k.to_json(), "days_left": None if k.not_after is None else
-                           round((k.not_after - now).total_seconds() / 86400, 2)}
-                          for k in keys], indent=2))
+        listed = [{**k.to_json(), "days_left": None if k.not_after is None else
+                   round((k.not_after - now).total_seconds() / 86400, 2)} for k in keys]
+        # --json alone keeps its shape (a list of keys) for existing scripts.
+        print(json.dumps({"keys": listed, "issuers": issuers} if args.issuers else listed,
+                         indent=2))
         return
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     rows = [(k.purpose.value, k.state.value, _when(k.not_after, now),
@@ -276,6 +308,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     for k, (purpose, state, expires, kid) in zip(keys, rows, strict=True):
         line = f"{purpose:<11} {state:<21} {expires:<{width}}  {kid}"
         print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
+    _print_issuers(issuers)
     missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
     for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
         print(f"keyd: warning: no active {purpose} key", file=sys.stderr)
@@ -295,12 +328,28 @@ def _coloured(line: str, key: KeyInfo, now: datetime,
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    from keyd.audit import parse_head
+
+    expected = None
+    if args.expect is not None:
+        try:
+            expected = parse_head(args.expect)
+        except ValueError as e:
+            raise KeydError(f"--expect: {e}") from None
     with _service(args) as service:
+        if args.audit_command == "head":
+            length, digest = service.audit.head()
+            print(f"{length}:{digest}")
+            return
         if args.audit_command == "verify":
             broken = service.audit.verify()
             if broken is not None:
                 raise KeydError(f"audit chain broken at event {broken}")
-            print("audit chain intact")
+            if expected is not None and (why := service.audit.reaches(*expected)) is not None:
+                raise KeydError(f"audit chain does not reach {args.expect.strip()}: {why}")
+            length, digest = service.audit.head()
+            print(f"audit chain intact: {length} events, head {digest}"
+                  + ("" if expected is None else f", reaches {expected[0]}:{expected[1]}"))
             return
         rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
     records = [{

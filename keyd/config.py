@@ -219,7 +219,11 @@ class IssuerSettings:
     iat_max_age: timedelta  # PayNet: a message signature's iat within 5 minutes
     fetch_timeout: float
     max_bytes: int
-    iss: str = ""  # when set, a message signature's `iss` header must equal it
+    iss: str = ""  # when set, a message's `iss` (header or claim) must equal it
+    require: tuple[str, ...] = ()  # protected-header members every message must carry
+    leeway: timedelta = timedelta(seconds=10)  # clock leeway for exp / nbf / iat
+    link_prefixes: tuple[str, ...] = ()  # universal links: allowed prefixes of the link
+    redirect_uri_prefixes: tuple[str, ...] = ()  # ... and of its redirect_uri
 
 
 @dataclass(frozen=True)
@@ -393,6 +397,25 @@ def _read_lifecycle(
     return settings
 
 
+# Protected-header members an issuer's profile may require of every message.
+_REQUIRABLE = frozenset({"iat", "jti", "iss", "crit", "typ", "cty"})
+
+
+def _prefixes(t: _Table, key: str, *, https_only: bool) -> tuple[str, ...]:
+    """URL prefixes that end their authority: ``https://dp.example.my/`` and not
+    ``https://dp.example.my``, which ``https://dp.example.my.evil.test`` starts with."""
+    prefixes = tuple(t.str_list(key, []))
+    for prefix in prefixes:
+        parts = urlsplit(prefix)
+        if (not parts.scheme or not parts.netloc or not parts.path.endswith("/")
+                or (https_only and parts.scheme != "https") or parts.query or parts.fragment):
+            raise ConfigError(
+                f"{t.name(key)}: {prefix!r} must be a URL whose path ends in '/' "
+                f"(like \"https://dp.example.my/ofm/\")"
+            )
+    return prefixes
+
+
 def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     uri = t.text("jwks_uri", "")
     parts = urlsplit(uri)
@@ -421,8 +444,22 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
         fetch_timeout=float(t.integer("fetch_timeout", 5)),
         max_bytes=t.integer("max_bytes", 512 * 1024),
         iss=t.text("iss", ""),
+        require=tuple(t.str_list("require", [])),
+        leeway=t.duration("leeway", "10s"),
+        link_prefixes=_prefixes(t, "link_prefixes", https_only=True),
+        redirect_uri_prefixes=_prefixes(t, "redirect_uri_prefixes", https_only=False),
     )
     t.done()
+    unknown = sorted(set(settings.require) - _REQUIRABLE)
+    if unknown:
+        raise ConfigError(
+            f"{t.name('require')}: {unknown!r} cannot be required; choose from "
+            f"{sorted(_REQUIRABLE)}"
+        )
+    if "iss" in settings.require and not settings.iss:
+        raise ConfigError(f"{t.name('require')} names iss: set {t.name('iss')} too")
+    if settings.leeway > timedelta(minutes=5):
+        raise ConfigError(f"{t.name('leeway')} must be at most 5m, not {settings.leeway}")
     if not 0 < settings.fetch_timeout <= 5:
         raise ConfigError(f"{t.name('fetch_timeout')} must be between 1 and 5 seconds")
     return settings

@@ -740,10 +740,10 @@ class KeyService:
         """
         if not token:
             raise Unauthorized("a bearer token is required")
+        cached = self.cached_caller(token)
+        if cached is not None:
+            return cached
         digest = hash_token(token)
-        cached = self._clients.get(digest)
-        if cached is not None and time.monotonic() - cached[1] < KEY_CACHE_SECONDS:
-            return cached[0]
         with self.store.session() as session:
             client = queries.client_by_token_hash(session, digest)
             if (
@@ -758,6 +758,16 @@ class KeyService:
             caller = Caller(client.name, policy)
         self._clients[digest] = (caller, time.monotonic())
         return caller
+
+    def cached_caller(self, token: str | None) -> Caller | None:
+        """The caller of ``token`` if it was authenticated within the cache
+        bound, else None (then ``authenticate``, which may read the store)."""
+        if not token:
+            return None
+        cached = self._clients.get(hash_token(token))
+        if cached is not None and time.monotonic() - cached[1] < KEY_CACHE_SECONDS:
+            return cached[0]
+        return None
 
     def admin_caller(self) -> Caller:
         """The CLI acts with the admin policy: it runs as the operator on the host."""
