@@ -7,7 +7,7 @@ DEBS   := softhsm2 wrk systemd chromium
 AXE    := .npm/node_modules/axe-core/axe.min.js
 AXE_VERSION := 4.10.3
 
-.PHONY: run test lint bench setup system-packages clean
+.PHONY: run test lint bench setup system-packages clean dist install
 
 run: setup            ## sandbox keys, JWKS and local API up on the default config.toml
 	$(BIN)/keyd --config config.toml init
@@ -24,6 +24,18 @@ bench: setup          ## sign/s against a reference measured in the same run
 	$(BIN)/python bench/sign_jws.py
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
+	$(BIN)/python bench/cli_startup.py
+	$(BIN)/python bench/issuer_isolation.py
+
+dist: setup          ## the sdist and the wheel (built from the sdist) in dist/
+	$(BIN)/python -m build --outdir dist .
+
+# From a wheel to the systemd layout (systemd/README.md); as root.  ROOT=DIR
+# installs under DIR instead (staging, tests).  WHEEL defaults to the newest in dist/.
+WHEEL ?= $(lastword $(sort $(wildcard dist/keyd-*.whl)))
+install:
+	@test -n "$(WHEEL)" || { echo "no wheel: run make dist first, or give WHEEL=path" >&2; exit 1; }
+	sh systemd/install.sh $(if $(ROOT),--root $(ROOT)) $(WHEEL)
 
 setup: system-packages $(STAMP) $(AXE)
 
@@ -37,7 +49,7 @@ system-packages:
 	  else echo "install as root: apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -48,4 +60,4 @@ $(AXE):
 	npm install --silent --no-save --no-audit --no-fund --prefix .npm axe-core@$(AXE_VERSION)
 
 clean:
-	rm -rf $(VENV) var .npm test-artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var build dist .npm test-artifacts .pytest_cache .mypy_cache .ruff_cache

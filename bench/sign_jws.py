@@ -24,7 +24,7 @@ from tests.daemon import keyd, start, write_config  # noqa: E402 - after the pat
 
 LUA = """
 wrk.method = "POST"
-wrk.body   = '{"payload": {"iss": "bench", "scope": "accounts", "n": 1}}'
+wrk.body   = '{"payload": {"bench": "sign", "scope": "accounts", "n": 1}}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
 """

@@ -85,7 +85,15 @@ class Alerter:
         level = logging.ERROR if alert.severity == "critical" else logging.WARNING
         log.log(level, "ALERT [%s] %s: %s", alert.severity, alert.title, alert.text)
         failed: list[str] = []
-        body = json.dumps(alert.to_json(self.clock.now()), sort_keys=True).encode()
+        message = alert.to_json(self.clock.now())
+        if self._audit is not None:
+            # The audit head travels with every alert: one more copy outside
+            # the store to check `keyd audit verify --expect` against.
+            try:
+                message["audit_head"] = "{}:{}".format(*self._audit.head())
+            except KeydError as e:
+                log.error("audit head not read for the alert: %s", e.detail)
+        body = json.dumps(message, sort_keys=True).encode()
         if (hook := self.settings.alerts.webhook) is not None:
             try:
                 self._post(hook, body)

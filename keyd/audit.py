@@ -68,6 +68,17 @@ _SECRET_WORDS = frozenset({
 _SECRET_NAMES = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
+_HEAD = re.compile(r"^(0|[1-9][0-9]{0,18}):([0-9a-f]{64})$")
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """``LENGTH:HASH`` as ``keyd audit head`` prints it; ValueError otherwise."""
+    m = _HEAD.match(text.strip())
+    if not m:
+        raise ValueError(f"{text[:80]!r} is not LENGTH:HASH (as `keyd audit head` prints it)")
+    return int(m.group(1)), m.group(2)
+
+
 def payload_hash(data: bytes) -> str:
     """Hex SHA-256 of a payload: proves which bytes an action touched, without them."""
     return hashlib.sha256(data).hexdigest()
@@ -269,6 +280,41 @@ class AuditLog:
                     return row.seq
                 prev, expected = row.hash, row.seq + 1
             after = rows[-1].seq
+
+    def head(self) -> tuple[int, str]:
+        """``(length, hash of the newest event)``; ``(0, GENESIS)`` when empty."""
+        with self._store.session("audit head") as session:
+            last = session.exec(
+                select(col(AuditEventRow.seq), col(AuditEventRow.hash))
+                .order_by(col(AuditEventRow.seq).desc())
+                .limit(1)
+            ).first()
+        return (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
+
+    def checkpoint(self) -> str:
+        """Log the head as a checkpoint line (a copy outside the store) and return it."""
+        length, digest = self.head()
+        line = f"{length}:{digest}"
+        log.info("audit checkpoint %s at %s", line, utc(self._clock.now()).isoformat())
+        return line
+
+    def reaches(self, length: int, digest: str) -> str | None:
+        """None when event ``length`` is still in the chain with hash ``digest``
+        (a head recorded earlier), else why not.  Run ``verify()`` as well: this
+        checks the anchor, ``verify()`` the links up to the current head."""
+        if length == 0:
+            return None if digest == GENESIS else "the head of an empty chain is 64 zeros"
+        with self._store.session("audit anchor") as session:
+            row = session.get(AuditEventRow, length)
+            stored = None if row is None else row.hash
+        if stored is None:
+            current, _ = self.head()
+            return (f"the chain has {current} events but reached {length}:{digest[:16]}... "
+                    "before: events were cut off its end")
+        if stored != digest:
+            return (f"event {length} has hash {stored[:16]}..., not the recorded "
+                    f"{digest[:16]}...: the chain was rewritten")
+        return None
 
     def list(
         self,

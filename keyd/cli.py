@@ -13,14 +13,21 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from keyd import config
 from keyd.errors import BackendUnavailable, KeydError
 from keyd.logs import setup_logging
 from keyd.model import Purpose
-from keyd.service import KeyInfo, KeyService
+
+if TYPE_CHECKING:
+    from keyd.service import KeyInfo, KeyService
+
+# Imports stay inside the commands: `keyd --help` and `keyd status` pay only
+# for what they use (bench/cli_startup.py measures it; tests/test_cli_startup.py
+# keeps SQLAlchemy, Alembic, httpx, hvac, pkcs11 and the web stack out).
 
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 1, 2, 70
 
@@ -67,10 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     al = sub.add_parser("alerts", help="alert channels").add_subparsers(
         dest="alerts_command", required=True, parser_class=_Parser)
     al.add_parser("test", help="send a test alert to every configured channel")
-    st = sub.add_parser("status", help="expiries at a glance")
+    st = sub.add_parser("status", help="expiries at a glance, and the issuers' keys")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--issuers", action="store_true",
+                    help="with --json: an object with the keys and the issuers section")
     audit = sub.add_parser("audit", help="the audit log")
-    audit.add_argument("audit_command", nargs="?", choices=["list", "verify"], default="list")
+    audit.add_argument("audit_command", nargs="?", choices=["list", "verify", "head"],
+                       default="list")
+    audit.add_argument("--expect", metavar="LENGTH:HASH",
+                       help="verify: fail unless the chain still reaches this earlier head")
     audit.add_argument("--action")
     audit.add_argument("--kid")
     audit.add_argument("--limit", type=int, default=50)
@@ -80,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Iterator[KeyService]:
+    from keyd.service import KeyService
+
     service = KeyService.open(config.load(args.config), require_backend=require_backend)
     try:
         yield service
@@ -87,8 +101,26 @@ def _service(args: argparse.Namespace, *, require_backend: bool = True) -> Itera
         service.close()
 
 
-def _days_left(when: datetime | None, now: datetime) -> str:
-    return "-" if when is None else f"{(when - now).total_seconds() / 86400:.1f}"
+def _rfc3339(when: datetime) -> str:
+    """Seconds, UTC, "Z"; a naive time is the store's UTC."""
+    utc = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _relative(when: datetime, now: datetime) -> str:
+    """"in 12 d", "in 5 h", "in 3 min", "now", "2 d ago": the largest whole unit."""
+    seconds = (when - now).total_seconds()
+    size = abs(seconds)
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if size >= span:
+            amount = f"{int(size // span)} {unit}"
+            return f"in {amount}" if seconds > 0 else f"{amount} ago"
+    return "now"
+
+
+def _when(when: datetime | None, now: datetime) -> str:
+    """RFC 3339 and relative: "2027-01-01T00:00:00Z (in 397 d)"."""
+    return "-" if when is None else f"{_rfc3339(when)} ({_relative(when, now)})"
 
 
 def _print_keys(keys: list[KeyInfo], as_json: bool) -> None:
@@ -111,7 +143,16 @@ def cmd_init(args: argparse.Namespace) -> None:
             path = local.create_master_key_file(settings)
             print(f"created master key {path} (0600); back it up off this host", file=sys.stderr)
     with _service(args) as service:
-        _print_keys(service.init(), as_json=False)
+        keys = service.init()
+    _print_keys(keys, as_json=False)
+    waiting = [k for k in keys if k.state.value == "awaiting_certificate"]
+    if waiting:
+        # Production: nothing signs until the CA's certificates are imported.
+        print("next: for each key above, send its CSR to your CA and import the chain it returns:",
+              file=sys.stderr)
+        for k in waiting:
+            print(f"  keyd csr {k.id} > {k.purpose.value}.csr   then   "
+                  f"keyd cert import {k.id} {k.purpose.value}-chain.pem", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -144,7 +185,14 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     with _service(args) as service:
         service.admin_caller()  # the CLI acts as admin; no admin policy, no rotation
         info = service.rotate(Purpose(args.purpose), actor="cli", now=args.now)
-    print(f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}")
+        now = service.clock.now()
+    line = f"{info.purpose.value} key {info.kid or info.id} is {info.state.value}"
+    if info.activates_at is not None:
+        line += (f"; published now, it starts signing at {_rfc3339(info.activates_at)} "
+                 f"({_relative(info.activates_at, now)})")
+    elif info.state.value == "awaiting_certificate":
+        line += f"; next: keyd csr {info.id}, then keyd cert import {info.id} CHAIN.pem"
+    print(line)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -214,22 +262,53 @@ def cmd_client(args: argparse.Namespace) -> None:
         print(token)
 
 
+def _issuer_status(service: KeyService) -> list[dict[str, Any]]:
+    """Each configured issuer, fetched now: its kept kids, dropped keys and why."""
+    report = []
+    for issuer in service.issuers.values():
+        try:
+            issuer.refresh()
+        except KeydError:
+            pass  # last_error in the status says why
+        report.append(issuer.status())
+    return report
+
+
+def _print_issuers(issuers: list[dict[str, Any]]) -> None:
+    if not issuers:
+        return
+    print(f"\n{'ISSUER':<16} {'KEYS':>4} {'DROPPED':>7}  JWKS")
+    for i in issuers:
+        print(f"{i['issuer']:<16} {len(i['kids']):>4} {len(i['dropped']):>7}  {i['jwks_uri']}")
+        for reason in i["dropped"]:
+            print(f"  dropped: {reason}")
+        if i["last_error"]:
+            print(f"  error: {i['last_error']}")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     with _service(args) as service:
         now = service.clock.now()
         keys = [k for k in service.keys() if k.state.value not in ("destroyed", "revoked")]
+        issuers = _issuer_status(service) if args.issuers or not args.json else []
     keys.sort(key=lambda k: (k.not_after is None, k.not_after or now))
     if args.json:
-        print(json.dumps([{**k.to_json(), "days_left": None if k.not_after is None else
-                           round((k.not_after - now).total_seconds() / 86400, 2)}
-                          for k in keys], indent=2))
+        listed = [{**k.to_json(), "days_left": None if k.not_after is None else
+                   round((k.not_after - now).total_seconds() / 86400, 2)} for k in keys]
+        # --json alone keeps its shape (a list of keys) for existing scripts.
+        print(json.dumps({"keys": listed, "issuers": issuers} if args.issuers else listed,
+                         indent=2))
         return
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    print(f"{'DAYS':>7}  {'PURPOSE':<11} {'STATE':<21} KID")
-    for k in keys:
-        line = (f"{_days_left(k.not_after, now):>7}  {k.purpose.value:<11} {k.state.value:<21} "
-                f"{k.kid or k.id}")
+    rows = [(k.purpose.value, k.state.value, _when(k.not_after, now),
+             f"{k.kid or k.id}" + (f"  starts signing {_when(k.activates_at, now)}"
+                                   if k.activates_at is not None else "")) for k in keys]
+    width = max([len("EXPIRES"), *(len(r[2]) for r in rows)])
+    print(f"{'PURPOSE':<11} {'STATE':<21} {'EXPIRES':<{width}}  KID")
+    for k, (purpose, state, expires, kid) in zip(keys, rows, strict=True):
+        line = f"{purpose:<11} {state:<21} {expires:<{width}}  {kid}"
         print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
+    _print_issuers(issuers)
     missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
     for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
         print(f"keyd: warning: no active {purpose} key", file=sys.stderr)
@@ -249,22 +328,44 @@ def _coloured(line: str, key: KeyInfo, now: datetime,
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    from keyd.audit import parse_head
+
+    expected = None
+    if args.expect is not None:
+        try:
+            expected = parse_head(args.expect)
+        except ValueError as e:
+            raise KeydError(f"--expect: {e}") from None
     with _service(args) as service:
+        if args.audit_command == "head":
+            length, digest = service.audit.head()
+            print(f"{length}:{digest}")
+            return
         if args.audit_command == "verify":
             broken = service.audit.verify()
             if broken is not None:
                 raise KeydError(f"audit chain broken at event {broken}")
-            print("audit chain intact")
+            if expected is not None and (why := service.audit.reaches(*expected)) is not None:
+                raise KeydError(f"audit chain does not reach {args.expect.strip()}: {why}")
+            length, digest = service.audit.head()
+            print(f"audit chain intact: {length} events, head {digest}"
+                  + ("" if expected is None else f", reaches {expected[0]}:{expected[1]}"))
             return
         rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
-    for row in rows:
-        record = {
-            "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
-            "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
-        }
-        print(json.dumps(record) if args.json else
-              f"{row.seq:>6} {row.at:%Y-%m-%dT%H:%M:%SZ} {row.actor:<12} {row.action:<22} "
-              f"{row.outcome:<8} {row.kid or '-'}")
+    records = [{
+        "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
+        "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
+    } for row in rows]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    table = [(str(row.seq), _rfc3339(row.at), row.actor, row.action, row.outcome, row.kid or "-")
+             for row in rows]
+    header = ("SEQ", "AT", "ACTOR", "ACTION", "OUTCOME", "KID")
+    widths = [max([len(h), *(len(r[i]) for r in table)]) for i, h in enumerate(header)]
+    for cells in (header, *table):
+        print(f"{cells[0]:>{widths[0]}}  " + "  ".join(
+            f"{c:<{w}}" for c, w in zip(cells[1:-1], widths[1:-1], strict=True)) + f"  {cells[-1]}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

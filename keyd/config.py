@@ -8,10 +8,12 @@ or a systemd credential, and they print masked.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,10 +22,17 @@ from urllib.parse import urlsplit
 
 from keyd.errors import ConfigError
 from keyd.model import ALLOWED_KEY_SIZES, KidScheme, Mode, Purpose
+from keyd.resources import default_policies_dir
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_PRODUCTION_VALIDITY = timedelta(days=365)
+
+
+def one_of(values: Iterable[object], last: str = "or") -> str:
+    """Values in plain words: ``2048, 3072 or 4096`` (never a Python repr of a list)."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
 def parse_duration(value: object, where: str) -> timedelta:
@@ -210,7 +219,11 @@ class IssuerSettings:
     iat_max_age: timedelta  # PayNet: a message signature's iat within 5 minutes
     fetch_timeout: float
     max_bytes: int
-    iss: str = ""  # when set, a message signature's `iss` header must equal it
+    iss: str = ""  # when set, a message's `iss` (header or claim) must equal it
+    require: tuple[str, ...] = ()  # protected-header members every message must carry
+    leeway: timedelta = timedelta(seconds=10)  # clock leeway for exp / nbf / iat
+    link_prefixes: tuple[str, ...] = ()  # universal links: allowed prefixes of the link
+    redirect_uri_prefixes: tuple[str, ...] = ()  # ... and of its redirect_uri
 
 
 @dataclass(frozen=True)
@@ -302,7 +315,10 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(f"[{self.where}] has unknown key {unknown[0]!r}")
+            where = f"[{self.where}] has unknown key" if self.where else "unknown table"
+            near = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise ConfigError(f"{where} {unknown[0]!r}{hint}")
 
 
 def _listen(value: str, where: str, *, loopback_only: bool) -> Listen:
@@ -329,13 +345,23 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _policies_dir(base: Path, value: str) -> Path:
+    """``policies_dir`` when set; else ``policies/`` beside the config file when
+    it exists (an operator's /etc/keyd/policies); else the shipped defaults."""
+    if value:
+        return _path(base, value)
+    if (beside := base / "policies").is_dir():
+        return beside
+    return default_policies_dir()
+
+
 def _read_lifecycle(
     t: _Table, purpose: Purpose, mode: Mode, throwaway: bool, backend: str
 ) -> LifecycleSettings:
     defaults = _PRODUCTION_DEFAULTS if mode is Mode.PRODUCTION else _SANDBOX_DEFAULTS
     size = t.integer("key_size", 2048)
     if size not in ALLOWED_KEY_SIZES:
-        raise ConfigError(f"{t.name('key_size')}: {size} is not one of {ALLOWED_KEY_SIZES}")
+        raise ConfigError(f"{t.name('key_size')}: {size} is not {one_of(ALLOWED_KEY_SIZES)}")
     settings = LifecycleSettings(
         purpose=purpose,
         enabled=t.flag("enabled", True),
@@ -371,6 +397,25 @@ def _read_lifecycle(
     return settings
 
 
+# Protected-header members an issuer's profile may require of every message.
+_REQUIRABLE = frozenset({"iat", "jti", "iss", "crit", "typ", "cty"})
+
+
+def _prefixes(t: _Table, key: str, *, https_only: bool) -> tuple[str, ...]:
+    """URL prefixes that end their authority: ``https://dp.example.my/`` and not
+    ``https://dp.example.my``, which ``https://dp.example.my.evil.test`` starts with."""
+    prefixes = tuple(t.str_list(key, []))
+    for prefix in prefixes:
+        parts = urlsplit(prefix)
+        if (not parts.scheme or not parts.netloc or not parts.path.endswith("/")
+                or (https_only and parts.scheme != "https") or parts.query or parts.fragment):
+            raise ConfigError(
+                f"{t.name(key)}: {prefix!r} must be a URL whose path ends in '/' "
+                f"(like \"https://dp.example.my/ofm/\")"
+            )
+    return prefixes
+
+
 def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     uri = t.text("jwks_uri", "")
     parts = urlsplit(uri)
@@ -386,8 +431,8 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     bad = [a for a in algorithms if a not in _ISSUER_ALGS]
     if bad or not algorithms:
         raise ConfigError(
-            f"{t.name('algorithms')}: {bad or algorithms!r} not allowed; "
-            f"choose from {sorted(_ISSUER_ALGS)}"
+            f"{t.name('algorithms')}: {one_of(bad, 'and') if bad else 'an empty list'} "
+            f"not allowed; use {one_of(sorted(_ISSUER_ALGS))}"
         )
     settings = IssuerSettings(
         name=name,
@@ -399,8 +444,22 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
         fetch_timeout=float(t.integer("fetch_timeout", 5)),
         max_bytes=t.integer("max_bytes", 512 * 1024),
         iss=t.text("iss", ""),
+        require=tuple(t.str_list("require", [])),
+        leeway=t.duration("leeway", "10s"),
+        link_prefixes=_prefixes(t, "link_prefixes", https_only=True),
+        redirect_uri_prefixes=_prefixes(t, "redirect_uri_prefixes", https_only=False),
     )
     t.done()
+    unknown = sorted(set(settings.require) - _REQUIRABLE)
+    if unknown:
+        raise ConfigError(
+            f"{t.name('require')}: {unknown!r} cannot be required; choose from "
+            f"{sorted(_REQUIRABLE)}"
+        )
+    if "iss" in settings.require and not settings.iss:
+        raise ConfigError(f"{t.name('require')} names iss: set {t.name('iss')} too")
+    if settings.leeway > timedelta(minutes=5):
+        raise ConfigError(f"{t.name('leeway')} must be at most 5m, not {settings.leeway}")
     if not 0 < settings.fetch_timeout <= 5:
         raise ConfigError(f"{t.name('fetch_timeout')} must be between 1 and 5 seconds")
     return settings
@@ -469,8 +528,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     try:
         kid = KidScheme(k.text("kid", "x5t#S256"))
     except ValueError:
-        choices = [s.value for s in KidScheme]
-        raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not one of {choices}") from None
+        raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not "
+                          f"{one_of([s.value for s in KidScheme])}") from None
     data_dir = _path(base, k.text("data_dir", "var"))
     keyd = KeydSettings(
         mode=mode,
@@ -478,7 +537,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         client_id=k.text("client_id", ""),
         organisation=k.text("organisation", ""),
         kid=kid,
-        policies_dir=_path(base, k.text("policies_dir", "policies")),
+        policies_dir=_policies_dir(base, k.text("policies_dir", "")),
         publish_transport=k.flag("publish_transport", False),
         throwaway=k.flag("throwaway", False),
         country=k.text("country", "MY"),

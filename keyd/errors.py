@@ -56,6 +56,13 @@ class PayloadTooLarge(KeydError):
     status = 413
 
 
+class UnsupportedMediaType(KeydError):
+    """A request body that is not ``application/json``."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 class Unauthorized(KeydError):
     code = "unauthorized"
     status = 401

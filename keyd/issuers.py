@@ -4,9 +4,11 @@ A JWKS is untrusted input from the network, so (THREATS "Counterparty JWKS"):
 - a fetch is bounded in time (an overall deadline, so a server dripping one
   byte a second cannot hold us) and in size, follows no redirect, and must
   answer 200 with a JSON object holding a ``keys`` list;
-- only sound public keys are kept (RSA >= 2048 bits with an odd e >= 65537,
-  EC P-256/384/521); keys with private members, without a kid, or whose kid
-  appears twice are dropped;
+- only sound public keys are kept (RSA of 2048-8192 bits with an odd modulus
+  and an odd e >= 65537, EC P-256/384/521 points on their curve, an ``x5c``
+  leaf that holds the JWK's own key); keys with private members, without a
+  kid, or whose kid appears twice are dropped, each logged with its reason
+  and shown by ``keyd status``;
 - a failed fetch, or one that yields no usable key, never replaces the last
   good set; that set is used while younger than ``max_age``, then we fail
   closed with IssuerUnavailable (503);
@@ -19,9 +21,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -36,8 +43,11 @@ from keyd.config import IssuerSettings
 from keyd.errors import InvalidToken, IssuerUnavailable, KeydError
 from keyd.jose.compact import MAX_KID_CHARS, b64u_decode, show, strict_json
 
+log = logging.getLogger("keyd.issuers")
+
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
 _CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
     "P-256": (ec.SECP256R1(), 32),
     "P-384": (ec.SECP384R1(), 48),
@@ -66,11 +76,19 @@ def _check_public(entry: dict[str, Any]) -> None:
     kty = entry.get("kty")
     if kty == "RSA":
         n, e = _uint(entry.get("n"), "n"), _uint(entry.get("e"), "e")
-        if n.bit_length() < MIN_RSA_BITS:
-            raise _FetchFailed(f"RSA key of {n.bit_length()} bits")
-        if e < 65537 or e % 2 == 0:
-            raise _FetchFailed(f"RSA exponent {e} is not an odd number >= 65537")
-        rsa.RSAPublicNumbers(e, n).public_key()
+        if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+            # Over 8192 bits is no stronger in practice, and each verify
+            # with it costs the worker thread far more: refused too.
+            raise _FetchFailed(f"RSA modulus of {n.bit_length()} bits is outside "
+                               f"{MIN_RSA_BITS}-{MAX_RSA_BITS}")
+        if n % 2 == 0:
+            raise _FetchFailed("RSA modulus is even (not a product of two odd primes)")
+        if e < 65537 or e % 2 == 0 or e >= n:
+            raise _FetchFailed(f"RSA exponent {show(e)} is not an odd number >= 65537 below n")
+        try:
+            rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError as err:
+            raise _FetchFailed(f"RSA key is invalid: {err}") from err
         return
     if kty == "EC":
         crv = entry.get("crv")
@@ -91,14 +109,32 @@ def _check_public(entry: dict[str, Any]) -> None:
     raise _FetchFailed(f"kty {show(kty)} is not RSA or EC")
 
 
-def _leaf_certificate(entry: dict[str, Any]) -> x509.Certificate | None:
-    chain = entry.get("x5c")
+def _leaf_certificate(entry: dict[str, Any], key: Any) -> x509.Certificate | None:
+    """The ``x5c`` leaf, which must hold exactly the JWK's key (else _FetchFailed):
+    its expiry drives our alerts, and a certificate for another key would make
+    them about the wrong thing."""
+    if "x5c" not in entry:
+        return None
+    chain = entry["x5c"]
     if not isinstance(chain, list) or not chain or not isinstance(chain[0], str):
-        return None
+        raise _FetchFailed("x5c is not a list of base64 certificates")
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
-    except (binascii.Error, ValueError):
-        return None
+        leaf = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
+        leaf_key = leaf.public_key()
+    except (binascii.Error, ValueError) as e:
+        raise _FetchFailed(f"x5c leaf is not a certificate: {show(str(e), 80)}") from e
+    try:
+        jwk_key = key.get_op_key("verify")
+    except (JWException, ValueError, TypeError, KeyError) as e:
+        raise _FetchFailed(f"the JWK cannot verify: {show(str(e), 80)}") from e
+    same = (
+        isinstance(leaf_key, rsa.RSAPublicKey) and isinstance(jwk_key, rsa.RSAPublicKey)
+        or isinstance(leaf_key, ec.EllipticCurvePublicKey)
+        and isinstance(jwk_key, ec.EllipticCurvePublicKey)
+    ) and leaf_key.public_numbers() == jwk_key.public_numbers()
+    if not same:
+        raise _FetchFailed("the x5c leaf certificate does not hold the JWK's key")
+    return leaf
 
 
 def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate], list[str]]:
@@ -132,6 +168,7 @@ def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate
             _check_public(entry)
             kept = {m: entry[m] for m in _COMMON + _KEPT[entry["kty"]] if m in entry}
             key = jwcrypto_jwk.JWK(**kept)
+            cert = _leaf_certificate(entry, key)
         except _FetchFailed as e:
             dropped.append(f"kid {show(kid)}: {e}")
             continue
@@ -139,13 +176,50 @@ def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate
             dropped.append(f"kid {show(kid)}: {show(str(e), 120)}")
             continue
         keys[kid] = key
-        if (cert := _leaf_certificate(entry)) is not None:
+        if cert is not None:
             certs.append(cert)
     return keys, certs, dropped
 
 
+class FetchPending(Exception):  # noqa: N818 - a signal to the API, not an error
+    """The key lookup needs a JWKS fetch that is under way.
+
+    Raised only inside ``defer_fetches()`` (the local API's worker threads),
+    so no worker thread is parked on a slow issuer: the API awaits ``future``
+    on its event loop, at most ``timeout`` seconds, and then calls again.
+    """
+
+    def __init__(self, future: Future[bool], timeout: float, issuer: str) -> None:
+        super().__init__(f"issuer {issuer}: JWKS fetch under way")
+        self.future, self.timeout, self.issuer = future, timeout, issuer
+
+
+_deferring = threading.local()
+
+
+@contextmanager
+def defer_fetches() -> Iterator[None]:
+    """Within this block (on this thread) a lookup that would wait for a fetch
+    raises FetchPending instead of blocking."""
+    before = getattr(_deferring, "on", False)
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = before
+
+
 class IssuerKeys:
-    """One counterparty's signing keys, as its ``jwks_uri`` publishes them."""
+    """One counterparty's signing keys, as its ``jwks_uri`` publishes them.
+
+    Isolation (THREATS "issuer isolation"): a fetch runs on its own thread and
+    holds no lock while it talks to the network; the lock guards only the
+    swap of the cached set.  Lookups of a known kid answer from the cache at
+    once (a due refresh starts in the background); only a lookup that cannot
+    be answered without the fetch waits for it, together with every other
+    such lookup (one fetch, however many callers), and at most
+    ``fetch_timeout`` seconds.
+    """
 
     def __init__(
         self, settings: IssuerSettings, clock: Clock, client: httpx.Client | None = None
@@ -154,9 +228,10 @@ class IssuerKeys:
         self._clock = clock
         self._own_client = client is None
         self._client = client or httpx.Client(follow_redirects=False, trust_env=False)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held across network I/O
         self._keys: dict[str, Any] = {}
         self._certs: list[x509.Certificate] = []
+        self._inflight: Future[bool] | None = None
         self.fetched_at: datetime | None = None  # when the cached set was fetched
         self.attempted_at: datetime | None = None  # the last fetch, good or bad
         self.last_error: str | None = None
@@ -168,23 +243,37 @@ class IssuerKeys:
     def key(self, kid: str) -> Any:
         """The JWK (``jwcrypto.jwk.JWK``) for ``kid``, or None when the issuer has none.
 
-        Raises IssuerUnavailable when no set younger than ``max_age`` is at hand.
+        Raises IssuerUnavailable when no set younger than ``max_age`` is at hand
+        (or the fetch it waited for did not end within ``fetch_timeout``), and
+        FetchPending instead of waiting inside ``defer_fetches()``.
         """
         if not isinstance(kid, str):
             return None
         with self._lock:
             now = self._clock.now()
-            if self._refresh_due(now) and self._cooled_down(now):
-                self._fetch(now)
-            self._require_fresh(now)
-            found = self._keys.get(kid)
-            if found is None and self._cooled_down(now):
-                # Perhaps the issuer rotated: one refetch, then no more until
-                # the cool-down has passed, however many unknown kids arrive.
-                self._fetch(now)
-                self._require_fresh(now)
-                found = self._keys.get(kid)
-            return found
+            fresh = self._fresh(now)
+            found = self._keys.get(kid) if fresh else None
+            if found is not None:
+                if self._refresh_due(now) and self._inflight is None and self._cooled_down(now):
+                    self._start_fetch(now)  # in the background: the cached key answers now
+                return found
+            if self._inflight is not None:
+                pending = self._inflight  # join the fetch under way
+            elif self._cooled_down(now):
+                # Never fetched, stale, or perhaps the issuer rotated: one
+                # fetch, then no more until the cool-down has passed, however
+                # many unknown kids arrive.
+                pending = self._start_fetch(now)
+            elif fresh:
+                return None
+            else:
+                raise self._unavailable(now)
+        self._wait(pending)
+        with self._lock:
+            now = self._clock.now()
+            if not self._fresh(now):
+                raise self._unavailable(now)
+            return self._keys.get(kid)
 
     def certificates(self) -> list[x509.Certificate]:
         with self._lock:
@@ -198,16 +287,44 @@ class IssuerKeys:
     def refresh(self) -> None:
         """Fetch now, whatever the cool-down; IssuerUnavailable when it fails."""
         with self._lock:
-            if not self._fetch(self._clock.now()):
-                raise IssuerUnavailable(
-                    f"issuer {self.settings.name}: {self.last_error}", self._retry_after()
-                )
+            pending = self._inflight or self._start_fetch(self._clock.now())
+        if not pending.result(timeout=self.settings.fetch_timeout * 2):
+            raise IssuerUnavailable(
+                f"issuer {self.settings.name}: {self.last_error}", self._retry_after()
+            )
+
+    def settle(self, timeout: float) -> bool:
+        """Wait for a fetch under way (a background refresh) to end; False on timeout."""
+        with self._lock:
+            pending = self._inflight
+        if pending is None:
+            return True
+        try:
+            pending.result(timeout=timeout)
+        except FutureTimeout:
+            return False
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """What ``keyd status`` shows: the kept kids, the dropped keys and why."""
+        with self._lock:
+            return {
+                "issuer": self.settings.name,
+                "jwks_uri": self.settings.jwks_uri,
+                "fetched_at": None if self.fetched_at is None else self.fetched_at.isoformat(),
+                "kids": sorted(self._keys),
+                "dropped": list(self.dropped),
+                "last_error": self.last_error,
+            }
 
     def close(self) -> None:
         if self._own_client:
             self._client.close()
 
     # ------------------------------------------------------------------ inner
+
+    def _fresh(self, now: datetime) -> bool:
+        return self.fetched_at is not None and now - self.fetched_at < self.settings.max_age
 
     def _refresh_due(self, now: datetime) -> bool:
         # Refresh at half of max_age, so a failing issuer still leaves the
@@ -222,19 +339,39 @@ class IssuerKeys:
     def _retry_after(self) -> int:
         return max(1, int(self.settings.refetch_cooldown.total_seconds()))
 
-    def _require_fresh(self, now: datetime) -> None:
-        if self.fetched_at is None or now - self.fetched_at >= self.settings.max_age:
-            age = "never fetched" if self.fetched_at is None else f"fetched at {self.fetched_at}"
-            raise IssuerUnavailable(
-                f"issuer {self.settings.name}: no JWKS younger than {self.settings.max_age} "
-                f"({age}; last error: {self.last_error})",
-                self._retry_after(),
-            )
+    def _unavailable(self, now: datetime) -> IssuerUnavailable:
+        age = "never fetched" if self.fetched_at is None else f"fetched at {self.fetched_at}"
+        return IssuerUnavailable(
+            f"issuer {self.settings.name}: no JWKS younger than {self.settings.max_age} "
+            f"({age}; last error: {self.last_error})",
+            self._retry_after(),
+        )
 
-    def _fetch(self, now: datetime) -> bool:
-        """One bounded fetch; replaces the cache only with a usable set."""
+    def _wait(self, pending: Future[bool]) -> None:
+        timeout = self.settings.fetch_timeout
+        if getattr(_deferring, "on", False) and not pending.done():
+            raise FetchPending(pending, timeout, self.settings.name)
+        try:
+            pending.result(timeout=timeout)
+        except FutureTimeout:
+            raise IssuerUnavailable(
+                f"issuer {self.settings.name}: the JWKS fetch did not finish within "
+                f"{timeout:g} s", self._retry_after()
+            ) from None
+
+    def _start_fetch(self, now: datetime) -> Future[bool]:
+        """Start one fetch on its own thread (the caller holds the lock)."""
         self.attempted_at = now
         self.fetch_count += 1
+        pending: Future[bool] = Future()
+        self._inflight = pending
+        threading.Thread(target=self._fetch, args=(now, pending), daemon=True,
+                         name=f"keyd-jwks-{self.settings.name}").start()
+        return pending
+
+    def _fetch(self, now: datetime, pending: Future[bool]) -> None:
+        """One bounded fetch, outside the lock; replaces the cache only with a usable set."""
+        error: str | None = None
         try:
             body = self._download()
             document = strict_json(body, "the JWKS", InvalidToken)
@@ -242,12 +379,20 @@ class IssuerKeys:
             if not keys:
                 raise _FetchFailed(f"the JWKS holds no usable key ({'; '.join(dropped[:5])})")
         except (_FetchFailed, KeydError) as e:
-            self.last_error = f"{self.settings.jwks_uri}: {e}"
-            return False
-        self._keys, self._certs, self.dropped = keys, certs, dropped
-        self.fetched_at = now
-        self.last_error = None
-        return True
+            error = f"{self.settings.jwks_uri}: {e}"
+        except Exception as e:  # noqa: BLE001 - a waiter must wake whatever broke
+            log.exception("issuer %s: JWKS fetch failed", self.settings.name)
+            error = f"{self.settings.jwks_uri}: {type(e).__name__}"
+        with self._lock:
+            self._inflight = None
+            if error is None:
+                if dropped != self.dropped:
+                    for reason in dropped:
+                        log.warning("issuer %s: key dropped: %s", self.settings.name, reason)
+                self._keys, self._certs, self.dropped = keys, certs, dropped
+                self.fetched_at = now
+            self.last_error = error
+        pending.set_result(error is None)
 
     def _download(self) -> bytes:
         limit = self.settings.max_bytes

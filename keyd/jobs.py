@@ -78,7 +78,8 @@ class Jobs:
         with self._lock:
             report = Report()
             steps: list[Callable[[], Report]] = [self.reconcile, self.deploy_transport,
-                                                 self.refresh_issuers, self.check_expiries]
+                                                 self.refresh_issuers, self.check_expiries,
+                                                 self.checkpoint_audit]
             if startup:
                 steps.insert(0, self.recover)
             for step in steps:
@@ -135,7 +136,6 @@ class Jobs:
         if action.step is Step.ACTIVATE:
             assert action.key_id is not None
             service.activate(action.key_id, actor=ACTOR, reason=action.reason)
-            LIFECYCLE.rotated(purpose)
             return True
         if action.step is Step.DESTROY:
             assert action.key_id is not None
@@ -290,6 +290,14 @@ class Jobs:
                 )
                 self.alerter.once(alert, "stale" if stale else "failing", repeat=DAY)
         return report
+
+    # ------------------------------------------------------------------ audit
+
+    def checkpoint_audit(self) -> Report:
+        """Log the audit chain's head, so a copy lives outside the store (the
+        journal, a log shipper): `keyd audit verify --expect` checks against it."""
+        self.service.audit.checkpoint()
+        return Report()  # nothing changed: a checkpoint is a log line
 
     # ------------------------------------------------------------------ expiries
 

@@ -14,17 +14,22 @@ from keyd.model import KeyState, Purpose
 
 
 class LifecycleCounts(Collector):
-    """Rotations and alerts, counted where they happen (the scheduled jobs)
-    and exposed by every Metrics registry of this process."""
+    """Rotations and alerts, exposed by every Metrics registry of this process.
+
+    Rotations are read from the store at each scrape (``observe_rotations``):
+    a rotation made by the CLI, the admin API, the scheduler or another
+    replica is counted alike, and every process reports the same number.
+    Alerts are counted where they are sent (the leader's jobs).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.rotations: Tally[str] = Tally()  # purpose -> activations by rotation
+        self.rotations: dict[str, int] = {}  # purpose -> rotations completed (from the store)
         self.alerts: Tally[tuple[str, str]] = Tally()  # (purpose or "-", kind) -> sent
 
-    def rotated(self, purpose: Purpose) -> None:
+    def set_rotations(self, counts: dict[Purpose, int]) -> None:
         with self._lock:
-            self.rotations[purpose.value] += 1
+            self.rotations = {p.value: n for p, n in counts.items()}
 
     def alerted(self, purpose: str, kind: str) -> None:
         with self._lock:
@@ -81,6 +86,10 @@ class Metrics:
                 self.not_after.labels(purpose.value, kid).set(not_after)
         for (purpose, state), n in counts.items():
             self.key_states.labels(purpose.value, state.value).set(n)
+
+    def observe_rotations(self, counts: dict[Purpose, int]) -> None:
+        """Refresh keyd_rotations_total from the store's count (KeyService.rotation_counts)."""
+        LIFECYCLE.set_rotations(counts)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

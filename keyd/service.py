@@ -13,8 +13,9 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
@@ -35,12 +36,14 @@ from keyd.errors import (
     NotFound,
     Unauthorized,
 )
-from keyd.issuers import IssuerKeys
 from keyd.model import KeyState, KidScheme, Mode, Purpose
 from keyd.policy import Policy, load_policies
 from keyd.store import queries
 from keyd.store.db import Store
 from keyd.store.tables import Certificate, Client, KeyVersion
+
+if TYPE_CHECKING:
+    from keyd.issuers import IssuerKeys
 
 log = logging.getLogger("keyd.service")
 
@@ -83,6 +86,10 @@ class KeyInfo:
     created_at: datetime
     not_before: datetime | None
     not_after: datetime | None
+    activated_at: datetime | None = None
+    # A pending key's first moment of signing: published + prepublish (the
+    # scheduler activates it at its first run from then on).
+    activates_at: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -97,6 +104,8 @@ class KeyInfo:
             "created_at": _rfc3339(self.created_at),
             "not_before": _rfc3339(self.not_before),
             "not_after": _rfc3339(self.not_after),
+            **({"activates_at": _rfc3339(self.activates_at)}
+               if self.state is KeyState.PENDING else {}),
         }
 
 
@@ -134,9 +143,13 @@ class KeyService:
         self.audit = audit
         self.clock = clock
         self.policies = load_policies(settings.keyd.policies_dir, settings.keyd.client_id)
-        self.issuers = {
-            name: IssuerKeys(issuer, clock) for name, issuer in settings.issuers.items()
-        }
+        self.issuers: dict[str, IssuerKeys] = {}
+        if settings.issuers:  # httpx and jwcrypto are imported only when there is one
+            from keyd.issuers import IssuerKeys
+
+            self.issuers = {
+                name: IssuerKeys(issuer, clock) for name, issuer in settings.issuers.items()
+            }
         self._lock = threading.Lock()
         self._usable: dict[str, UsableKey] = {}  # kid -> key, every published key
         self._active: dict[Purpose, UsableKey] = {}
@@ -325,7 +338,24 @@ class KeyService:
     def keys(self) -> list[KeyInfo]:
         with self.store.session() as session:
             rows = queries.all_keys(session)
-            return [_info(k, self._current_leaf(session, k.id)) for k in rows]
+            return [self._dated(_info(k, self._current_leaf(session, k.id)), k) for k in rows]
+
+    def _dated(self, info: KeyInfo, key: KeyVersion) -> KeyInfo:
+        """``info`` with a pending key's activation time (lifecycle.ready_at)."""
+        if info.state is not KeyState.PENDING or key.publish_at is None:
+            return info
+        return replace(info, activates_at=utc(key.publish_at)
+                       + self.settings.lifecycle[info.purpose].prepublish)
+
+    def rotation_counts(self, keys: list[KeyInfo] | None = None) -> dict[Purpose, int]:
+        """Rotations completed per purpose, from the store (so the CLI's, the
+        admin API's and every replica's count): each key activated after the first.
+        ``keys`` is a fresh ``keys()`` the caller already has."""
+        counts = {p: 0 for p in Purpose}
+        for key in self.keys() if keys is None else keys:
+            if key.activated_at is not None:
+                counts[key.purpose] += 1
+        return {p: max(n - 1, 0) for p, n in counts.items()}
 
     def _current_leaf(self, session: Session, key_id: str) -> cx509.Certificate | None:
         cert = queries.current_certificate(session, key_id)
@@ -542,7 +572,9 @@ class KeyService:
             self._audit_simple(actor, "key.rotate", existing, {"now": now})
         if now and existing.state is KeyState.PENDING:
             return self.activate(existing.id, actor=actor, reason="admin rotation --now")
-        return existing
+        with self.store.session("lifecycle read") as session:
+            row = queries.key_by_id(session, existing.id)
+        return existing if row is None else self._dated(existing, row)
 
     def revoke(self, kid_or_id: str, *, reason: str, actor: str) -> tuple[KeyInfo, KeyInfo | None]:
         """Revoke a key: out of the JWKS at once, refused for every operation.
@@ -752,10 +784,10 @@ class KeyService:
         """
         if not token:
             raise Unauthorized("a bearer token is required")
+        cached = self.cached_caller(token)
+        if cached is not None:
+            return cached
         digest = hash_token(token)
-        cached = self._clients.get(digest)
-        if cached is not None and time.monotonic() - cached[1] < KEY_CACHE_SECONDS:
-            return cached[0]
         with self.store.session() as session:
             client = queries.client_by_token_hash(session, digest)
             if (
@@ -770,6 +802,16 @@ class KeyService:
             caller = Caller(client.name, policy)
         self._clients[digest] = (caller, time.monotonic())
         return caller
+
+    def cached_caller(self, token: str | None) -> Caller | None:
+        """The caller of ``token`` if it was authenticated within the cache
+        bound, else None (then ``authenticate``, which may read the store)."""
+        if not token:
+            return None
+        cached = self._clients.get(hash_token(token))
+        if cached is not None and time.monotonic() - cached[1] < KEY_CACHE_SECONDS:
+            return cached[0]
+        return None
 
     def admin_caller(self) -> Caller:
         """The CLI acts with the admin policy: it runs as the operator on the host."""
@@ -835,4 +877,5 @@ def _info(key: KeyVersion, leaf: cx509.Certificate | None) -> KeyInfo:
         created_at=utc(key.created_at),
         not_before=None if leaf is None else utc(leaf.not_valid_before_utc),
         not_after=None if leaf is None else utc(leaf.not_valid_after_utc),
+        activated_at=None if key.activated_at is None else utc(key.activated_at),
     )

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from keyd import jose
 from keyd.audit import AuditEvent, payload_hash
-from keyd.errors import BadRequest, InvalidSignature, InvalidToken, KeydError, NotFound
+from keyd.config import IssuerSettings
+from keyd.errors import (
+    BadRequest,
+    InvalidSignature,
+    InvalidToken,
+    KeydError,
+    NotFound,
+)
+from keyd.issuers import IssuerKeys
 from keyd.model import OaepHash, Purpose, SignScheme
 from keyd.policy import Operation
 from keyd.service import Caller, KeyService, UsableKey
@@ -82,7 +90,8 @@ class TokenService:
         try:
             self.keys.audit.record(
                 AuditEvent(actor="unauthenticated" if caller is None else caller.name,
-                           action=action, outcome="refused", detail={"error": error.code})
+                           action=action, outcome="refused",
+                           detail={"error": error.code, "status": error.status})
             )
         except KeydError:
             pass
@@ -97,6 +106,16 @@ class TokenService:
         claims_in_header: bool = False,
     ) -> Signed:
         caller.policy.require(Operation.SIGN, Purpose.SIGNING)
+        # The policy's scope binds what keyd signs, wherever it sits: claims in
+        # a JSON-object payload, extra protected headers, and the iss keyd
+        # itself puts into a message signature's header.
+        claims = jose.json_object_content(payload, "the payload", BadRequest)
+        if claims is not None:
+            caller.policy.require_signable(claims, "the payload's")
+        if header is not None:
+            caller.policy.require_scope(header, "the header's")
+        if claims_in_header:
+            caller.policy.require_client_id(self.settings.keyd.client_id)
         key = self.keys.active_key(Purpose.SIGNING)
         token = jose.sign_jws(
             self._signer(key), key.kid, payload, extra_header=header, detached=detached,
@@ -109,12 +128,10 @@ class TokenService:
     def sign_jwt(self, caller: Caller, claims: dict[str, Any], ttl: int) -> Signed:
         caller.policy.require(Operation.SIGN, Purpose.SIGNING)
         # A caller may not speak for another participant: iss and sub, when
-        # given, must be client_ids its policy may assert.
-        for name in ("iss", "sub"):
-            if name in claims:
-                if not isinstance(claims[name], str):
-                    raise BadRequest(f"claim {name!r} must be a string")
-                caller.policy.require_client_id(claims[name])
+        # given, must be client_ids its policy may assert, every aud one of
+        # its audiences.  keyd adds exp, so iss = sub with an aud is a client
+        # assertion and needs that operation.
+        caller.policy.require_signable({"exp": 0, **claims}, "claim")
         key = self.keys.active_key(Purpose.SIGNING)
         token = jose.sign_jwt(self._signer(key), key.kid, claims, ttl=ttl, now=self.clock.now())
         self._audit(caller, "sign.jwt", key, json.dumps(claims, sort_keys=True).encode())
@@ -171,14 +188,31 @@ class TokenService:
 
     # ------------------------------------------------------------------ verification
 
+    def _issuer(self, issuer: str) -> tuple[IssuerKeys, IssuerSettings]:
+        keys = self.keys.issuers.get(issuer)
+        settings = self.settings.issuers.get(issuer)
+        if keys is None or settings is None:
+            raise NotFound(f"no issuer {issuer[:64]!r} in config; have "
+                           f"{sorted(self.settings.issuers)}")
+        return keys, settings
+
+    def _check_claims(self, content: bytes, settings: IssuerSettings, what: str) -> None:
+        """The claims of verified (or unwrapped) content, when it is a JSON
+        object: exp/nbf/iat integers that hold, and the issuer's iss."""
+        claims = jose.json_object_content(content, what)
+        if claims is None:
+            return
+        jose.check_time_claims(claims, now=self.clock.now(), leeway=settings.leeway, what=what)
+        if settings.iss and "iss" in claims and claims["iss"] != settings.iss:
+            # Exact equality: a list or a substring never matches.
+            raise InvalidToken(f"{what} iss {str(claims['iss'])[:64]!r} is not this issuer's "
+                               f"({settings.iss!r})")
+
     def verify_jws(
         self, caller: Caller, compact: str, issuer: str, payload_b64: str | None = None
     ) -> Verified:
         caller.policy.require(Operation.VERIFY)
-        keys = self.keys.issuers.get(issuer)
-        settings = self.settings.issuers.get(issuer)
-        if keys is None or settings is None:
-            raise NotFound(f"no issuer {issuer!r} in config; have {sorted(self.settings.issuers)}")
+        keys, settings = self._issuer(issuer)
         store, now = self.keys.store, self.clock.now()
 
         def seen_before(jti: str, expires: datetime) -> bool:
@@ -194,9 +228,11 @@ class TokenService:
             now=now,
             payload_b64=payload_b64,
             iat_max_age=settings.iat_max_age,
-            max_future=timedelta(seconds=10),
+            max_future=settings.leeway,
             replay=seen_before,
             expected_iss=settings.iss or None,
+            require=settings.require,
+            check_payload=lambda payload: self._check_claims(payload, settings, "the payload"),
         )
         self._audit(caller, "verify.jws", None, result.payload, issuer=issuer,
                     signer_kid=result.kid)
@@ -209,11 +245,27 @@ class TokenService:
             inner = verified.payload.decode("ascii")
         except UnicodeDecodeError:
             raise InvalidToken("the JWS payload is not a compact JWE") from None
-        return verified, self.decrypt_jwe(caller, inner)
+        decrypted = self.decrypt_jwe(caller, inner)
+        # The claims that matter are inside the encrypted response.
+        self._check_claims(decrypted.plaintext, self._issuer(issuer)[1], "the decrypted payload")
+        return verified, decrypted
 
     def verify_universal_link(self, caller: Caller, url: str, issuer: str) -> tuple[str, Verified]:
-        consent_id, signature = jose.universal_link_consent(url)
-        verified = self.verify_jws(caller, signature, issuer)
-        if verified.payload != consent_id.encode():
+        caller.policy.require(Operation.VERIFY)
+        _, settings = self._issuer(issuer)
+        link = jose.parse_universal_link(url)
+        # Prefixes end their authority (config checks they end in "/"), so a
+        # plain startswith cannot be fooled by https://dp.example.my.evil.test.
+        if settings.link_prefixes and not url.startswith(settings.link_prefixes):
+            raise InvalidToken(f"the link is not under an allowed prefix of issuer {issuer!r}: "
+                            f"{list(settings.link_prefixes)}")
+        if settings.redirect_uri_prefixes and not (
+            link.redirect_uri is not None
+            and link.redirect_uri.startswith(settings.redirect_uri_prefixes)
+        ):
+            raise InvalidToken(f"the link's redirect_uri is not under an allowed prefix of issuer "
+                            f"{issuer!r}: {list(settings.redirect_uri_prefixes)}")
+        verified = self.verify_jws(caller, link.signature, issuer)
+        if verified.payload != link.consent_id.encode():
             raise InvalidSignature("the signature does not cover this link's consent_id")
-        return consent_id, verified
+        return link.consent_id, verified

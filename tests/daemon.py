@@ -4,6 +4,7 @@ kernel; the test talks to it over real sockets."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -22,6 +23,12 @@ import httpx
 KEYD = [sys.executable, "-m", "keyd.cli"]
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (PR_SET_PDEATHSIG),
+    so a killed xdist worker leaves no daemon behind (tests/test_clean_exit.py)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def toml_value(value: Any) -> str:
@@ -124,6 +131,7 @@ def start(config: Path, env: dict[str, str] | None = None, *,
     proc = subprocess.Popen(
         [*KEYD, "--config", str(config), "serve"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        preexec_fn=die_with_parent,
     )
     ready = threading.Event()
 

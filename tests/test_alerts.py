@@ -140,6 +140,9 @@ def test_expiry_alerts_arrive_by_webhook_and_smtp_once_per_threshold(
         assert n_mail == n_hook == 2
         alert = verify_signature(service, *webhook.bodies[0])
         assert alert["detail"]["threshold"] == "30d"
+        # The audit head rides along: a copy of the anchor outside the store.
+        length, digest = alert["audit_head"].split(":")
+        assert int(length) >= 1 and service.audit.reaches(int(length), digest) is None
         assert "expires in 29.0 days" in inbox.messages[0]["Subject"]
         jobs.check_expiries()  # again: nothing new
         clock.advance(timedelta(hours=-1))  # a clock jump back: nothing new

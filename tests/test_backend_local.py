@@ -135,6 +135,20 @@ def test_wrong_master_key_is_backend_error_naming_the_ref(
         wrong.check()
 
 
+def test_wrong_master_key_at_start_up_says_what_to_check_and_how_to_restore(
+    keys_dir: Path, master_key: bytes
+) -> None:
+    LocalBackend(keys_dir, master_key).generate(Purpose.SIGNING, 2048)
+    wrong = LocalBackend(keys_dir, os.urandom(32), "$KEYD_MASTER_KEY")
+    with pytest.raises(BackendError) as raised:
+        wrong.check()
+    message = str(raised.value.detail)
+    assert "from $KEYD_MASTER_KEY does not open" in message
+    assert "`keyd init` made for this data_dir" in message
+    assert "restore the backup to $KEYD_MASTER_KEY" in message
+    assert "\n" not in message
+
+
 def test_tampered_file_is_backend_error(keys_dir: Path, master_key: bytes) -> None:
     key = LocalBackend(keys_dir, master_key).generate(Purpose.SIGNING, 2048)
     path = keys_dir / f"{key.ref}.key"

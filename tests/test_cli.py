@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -105,10 +106,13 @@ def test_production_mode_issues_csrs_and_activates_on_certificate_import(
     tmp_path: Path, ca: FakeCA
 ) -> None:
     config = write_config(tmp_path, {"keyd": {"mode": "production"}})
-    keyd(config, "init")
+    init = keyd(config, "init")
     waiting = keys_list(config)
     assert {k["state"] for k in waiting} == {"awaiting_certificate"}
     assert all(k["provisional"] and str(k["kid"]).startswith("kv_") for k in waiting)
+    for key in waiting:  # init names the next command for each key
+        assert f"keyd csr {key['kid']}" in init.stderr
+        assert f"keyd cert import {key['kid']}" in init.stderr
     assert jwks(config) == []
     signing = next(k for k in waiting if k["purpose"] == "signing")
     csr_pem = keyd(config, "csr", str(signing["kid"])).stdout
@@ -213,18 +217,43 @@ def test_status_lists_keys_most_urgent_first(sandbox: Path) -> None:
     assert len(status) == 3
     days = [k["days_left"] for k in status]
     assert days == sorted(days) and 390 < days[0] < 398
-    text = keyd(config, "status").stdout
-    assert text.splitlines()[0].split()[:2] == ["DAYS", "PURPOSE"]
+    text = keyd(config, "status").stdout.splitlines()
+    assert text[0].split() == ["PURPOSE", "STATE", "EXPIRES", "KID"]
+    # Dates, not bare floats: RFC 3339 and how far away, e.g. "2027-01-01T00:00:00Z (in 397 d)".
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(in 39[0-7] d\)", text[1]), text
 
 
 def test_audit_records_admin_actions_and_its_chain_verifies(sandbox: Path) -> None:
     config = sandbox
     keyd(config, "client", "add", "svc-audited", "--policy", "service")
-    events = [json.loads(line) for line in
-              keyd(config, "audit", "--json").stdout.splitlines()]
+    events = json.loads(keyd(config, "audit", "--json").stdout)  # one JSON document
     assert [e["action"] for e in events].count("key.create") == 3
     assert any(e["action"] == "client.add" for e in events)
     assert "intact" in keyd(config, "audit", "verify").stdout
+    table = keyd(config, "audit", "list").stdout.splitlines()
+    assert table[0].split() == ["SEQ", "AT", "ACTOR", "ACTION", "OUTCOME", "KID"]
+    assert len(table) == len(events) + 1
+    # Aligned: every column after SEQ (right-aligned, 3 wide here) starts at
+    # the same offset on every line.
+    starts = {tuple(m.start() for m in re.finditer(r"(?<=  )\S", line) if m.start() > 3)
+              for line in table}
+    assert len(starts) == 1, table
+
+
+def test_rotate_status_and_keys_list_say_when_a_pending_key_starts_signing(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {})
+    keyd(config, "init")
+    rotated = keyd(config, "rotate", "signing").stdout
+    match = re.search(r"is pending; published now, it starts signing at (\S+Z) \(in (\d+) d\)",
+                      rotated)
+    assert match, rotated
+    assert match.group(2) in ("1", "2")  # prepublish 2d, just under two whole days
+    pending = next(k for k in keys_list(config) if k["state"] == "pending")
+    assert str(pending["activates_at"]).startswith(match.group(1).removesuffix("Z"))
+    assert all("activates_at" not in k for k in keys_list(config) if k["state"] != "pending")
+    assert f"starts signing {match.group(1)}" in keyd(config, "status").stdout
 
 
 @pytest.mark.parametrize(

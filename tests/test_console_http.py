@@ -55,7 +55,8 @@ def signed_in(daemon: Daemon, token: str | None = None) -> Iterator[httpx.Client
 
 def audit_events(daemon: Daemon, action: str) -> list[dict[str, object]]:
     out = keyd(daemon.config, "audit", "--json", "--action", action, "--limit", "500").stdout
-    return [json.loads(line) for line in out.splitlines()]
+    events: list[dict[str, object]] = json.loads(out)
+    return events
 
 
 class Links(HTMLParser):

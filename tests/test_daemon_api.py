@@ -295,9 +295,9 @@ def test_calls_without_a_valid_token_get_401(daemon: Daemon) -> None:
         basic = client.post("/v1/sign/jws", json={"payload": "x"},
                             headers={"Authorization": f"Basic {daemon.service_token}"})
     assert basic.status_code == 401
-    audited = [json.loads(line) for line in keyd(
+    audited = json.loads(keyd(
         daemon.config, "audit", "--action", "sign.jws", "--json", "--limit", "1000"
-    ).stdout.splitlines()]
+    ).stdout)
     refusals = [e for e in audited if e["actor"] == "unauthenticated"]
     assert len(refusals) >= 4
     assert {e["outcome"] for e in refusals} == {"refused"}

@@ -30,4 +30,4 @@ def test_daemon_on_postgresql_initialises_signs_and_audits(
         "signing", "encryption", "transport"}
     assert "intact" in keyd(daemon.config, "audit", "verify").stdout
     actions = keyd(daemon.config, "audit", "--action", "sign.client_assertion", "--json").stdout
-    assert json.loads(actions.splitlines()[0])["actor"] == "svc-1"
+    assert json.loads(actions)[0]["actor"] == "svc-1"

@@ -256,7 +256,8 @@ def test_garbage_never_replaces_the_cached_set(
     good = issuer.key("a")
     server.reply = GARBAGE[case]
     clock.advance(MAX_AGE / 2 + timedelta(seconds=1))  # refresh due, set still trusted
-    assert issuer.key("a") is good
+    assert issuer.key("a") is good  # at once: the refresh runs in the background
+    assert issuer.settle(timeout=5)
     assert server.count == 2 and issuer.last_error is not None
     assert issuer.fetched_at == START
     clock.advance(MAX_AGE / 2)  # now older than max_age: fail closed
@@ -365,6 +366,13 @@ BAD_KEYS = {
     "ec point off curve": {**_ec_jwk("bad"), "y": b64u_encode(b"\x01" * 32)},
     "ec short x": {**_ec_jwk("bad"), "x": b64u_encode(b"\x01" * 31)},
     "not an object": "a string",  # type: ignore[dict-item]
+    "even modulus": _rsa_members(kid="bad", n=b64u_encode(
+        (KEY_B.public_key().public_numbers().n + 1).to_bytes(256, "big"))),
+    "16000-bit modulus": _rsa_members(kid="bad", n=b64u_encode(
+        ((1 << 15999) | 0xC5A9F1).to_bytes(2000, "big"))),
+    "x5c of another key": _rsa_members(kid="bad", x5c=JWK_A["x5c"]),
+    "x5c not a certificate": _rsa_members(kid="bad", x5c=["AAAA"]),
+    "x5c not a list": _rsa_members(kid="bad", x5c="MIIB"),
 }
 
 
@@ -377,6 +385,22 @@ def test_unsound_keys_are_dropped_and_the_good_ones_kept(
     assert issuer.key("a") is not None
     assert issuer.key("bad") is None
     assert issuer.dropped
+
+
+def test_unsound_keys_are_logged_with_the_reason_and_reported_in_status(
+    server: JwksServer, make_issuer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.reply = Reply(body=_doc(JWK_A, BAD_KEYS["even modulus"],
+                                   {**BAD_KEYS["x5c of another key"], "kid": "foreign"}))
+    issuer = make_issuer()
+    with caplog.at_level("WARNING", logger="keyd.issuers"):
+        assert issuer.key("a") is not None
+    logged = [r.getMessage() for r in caplog.records if r.name == "keyd.issuers"]
+    assert any("'bad'" in m and "even" in m for m in logged), logged
+    assert any("'foreign'" in m and "x5c" in m for m in logged), logged
+    status = issuer.status()
+    assert status["kids"] == ["a"] and len(status["dropped"]) == 2
+    assert issuer.certificates() == [CERT_A]  # a foreign leaf never drives expiry alerts
 
 
 def test_every_key_whose_kid_appears_twice_is_dropped(server: JwksServer, make_issuer: Any) -> None:

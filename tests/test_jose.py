@@ -142,6 +142,7 @@ def test_detached_jws_with_claims_in_header_verifies_with_joserfc_and_keyd() -> 
         payload_b64=b64u_encode(body),
         iat_max_age=timedelta(minutes=5),
         replay=lambda jti, _until: jti in seen or bool(seen.add(jti)),
+        expected_iss="dc-1",
     )
     assert verified.payload == body and verified.kid == SIG_KID
 

@@ -7,6 +7,7 @@ rule it is about.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -315,7 +316,35 @@ def test_crit_must_name_only_understood_present_non_standard_members(extra: dict
 
 def test_paynet_crit_names_are_accepted_when_valid() -> None:
     token = make(ok_header(crit=["iss", "iat", "jti"], **MSG))
-    assert verify(token, iat_max_age=timedelta(minutes=5)).header["jti"] == "j-1"
+    verified = verify(token, iat_max_age=timedelta(minutes=5), expected_iss="paynet")
+    assert verified.header["jti"] == "j-1"
+
+
+def test_claims_crit_iss_is_refused_without_an_expected_iss_saying_so() -> None:
+    """THREATS "claims": crit names iss, but nothing could validate it."""
+    lookup = Lookup()
+    error = refused(InvalidToken, lambda: verify(
+        make(ok_header(crit=["iss", "iat", "jti"], **MSG)), lookup,
+        iat_max_age=timedelta(minutes=5)))
+    assert "iss" in error.detail and "configured" in error.detail
+    assert lookup.asked == []
+
+
+@pytest.mark.parametrize("missing", ["iat", "jti", "iss"])
+def test_claims_header_members_the_profile_requires_must_be_present(missing: str) -> None:
+    header = {k: v for k, v in {**MSG, "crit": ["iss", "iat", "jti"]}.items() if k != missing}
+    header["crit"] = [n for n in header["crit"] if n != missing]
+    lookup = Lookup()
+    error = refused(InvalidToken, lambda: verify(
+        make(ok_header(**header)), lookup, iat_max_age=timedelta(minutes=5),
+        expected_iss="paynet", require=("iat", "jti", "iss")))
+    assert missing in error.detail and lookup.asked == []
+
+
+def test_claims_a_jti_without_iat_is_refused_when_replay_is_checked() -> None:
+    token = make(ok_header(jti="j-no-iat"))
+    refused(InvalidToken, lambda: verify(token, iat_max_age=timedelta(minutes=5),
+                                         replay=ReplayStore()))
 
 
 @pytest.mark.parametrize("iss", ["", 7, None, ["paynet"]])
@@ -749,7 +778,7 @@ def message(iat: Any, jti: Any = "j-1") -> str:
 
 
 def verify_message(token: str, replay: Any = None) -> Any:
-    return verify(token, iat_max_age=timedelta(minutes=5), replay=replay)
+    return verify(token, iat_max_age=timedelta(minutes=5), replay=replay, expected_iss="paynet")
 
 
 @pytest.mark.parametrize(
@@ -858,3 +887,29 @@ def test_a_universal_link_signature_over_another_consent_is_detectable() -> None
 )
 def test_malformed_universal_links_are_bad_requests(url: Any) -> None:
     refused(BadRequest, lambda: universal_link_consent(url))
+
+
+# ------------------------------------------------------------- signature length
+
+
+def _short_signature_token() -> str:
+    """A genuine PS256 token whose signature starts with a zero octet, sent
+    without it (one octet short of the modulus): OpenSSL would accept it."""
+    for i in range(5000):
+        token = make(ok_header(), f"payload-{i}".encode())
+        h, p, s = token.split(".")
+        raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        if raw[0] == 0:
+            return f"{h}.{p}.{b64u_encode(raw[1:])}"
+    raise AssertionError("no signature with a leading zero octet in 5000 tries")
+
+
+def test_claims_an_rsa_signature_one_octet_short_is_refused() -> None:
+    refused(InvalidSignature, lambda: verify(_short_signature_token()))
+
+
+def test_claims_an_rsa_signature_one_octet_long_is_refused() -> None:
+    h, p, s = make(ok_header()).split(".")
+    raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+    longer = b64u_encode(bytes(1) + raw)
+    refused(InvalidSignature, lambda: verify(f"{h}.{p}.{longer}"))

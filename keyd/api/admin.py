@@ -1,7 +1,9 @@
 """Admin calls of the local API: key listing, CSRs, certificate import.
 
 They need a caller whose policy allows the ``admin`` operation (the shipped
-``admin`` policy); a ``service`` client gets 403.
+``admin`` policy); a ``service`` client gets 403, before its body is read.
+The action calls (rotate, revoke) take an empty body: a revocation without a
+``reason`` records who revoked through the API.
 """
 
 from __future__ import annotations
@@ -56,20 +58,26 @@ def routes(service: KeyService, endpoint: Callable[..., Any], limit: int) -> lis
 
     def revoke(caller: Caller, body: Body, params: Params) -> dict[str, Any]:
         caller.policy.require(Operation.ADMIN)
-        reason = body.get("reason")
+        reason = body.get("reason", f"revoked through the local API by {caller.name}")
         if not isinstance(reason, str):
             raise BadRequest("reason must be a string")
         info, replacement = service.revoke(params["kid"], reason=reason, actor=caller.name)
         return {"key": info.to_json(),
                 "replacement": None if replacement is None else replacement.to_json()}
 
+    admin = [(Operation.ADMIN, None)]
     return [
-        Route("/v1/keys", endpoint("admin.keys", list_keys, has_body=False), methods=["GET"]),
-        Route("/v1/keys/{purpose:str}/rotate", endpoint("admin.rotate", rotate),
-              methods=["POST"]),
-        Route("/v1/keys/{kid:str}/revoke", endpoint("admin.revoke", revoke), methods=["POST"]),
-        Route("/v1/keys/{kid:str}/csr", endpoint("admin.csr", get_csr, has_body=False),
+        Route("/v1/keys", endpoint("admin.keys", list_keys, requires=admin, fields=None),
               methods=["GET"]),
-        Route("/v1/keys/{kid:str}/certificate", endpoint("admin.certificate", put_certificate),
-              methods=["PUT"]),
+        Route("/v1/keys/{purpose:str}/rotate", endpoint(
+            "admin.rotate", rotate, requires=admin, fields=["now"], action=True),
+            methods=["POST"]),
+        Route("/v1/keys/{kid:str}/revoke", endpoint(
+            "admin.revoke", revoke, requires=admin, fields=["reason"], action=True),
+            methods=["POST"]),
+        Route("/v1/keys/{kid:str}/csr", endpoint("admin.csr", get_csr, requires=admin,
+                                                 fields=None), methods=["GET"]),
+        Route("/v1/keys/{kid:str}/certificate", endpoint(
+            "admin.certificate", put_certificate, requires=admin,
+            fields=["certificate", "kid"]), methods=["PUT"]),
     ]

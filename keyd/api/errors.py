@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from keyd.errors import (
     KeydError,
     RateLimited,
     StoreUnavailable,
+    Unauthorized,
 )
 
 log = logging.getLogger("keyd.api")
@@ -29,16 +31,23 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, detail: str, retry_after: int | None = None) -> Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def error_response(status: int, code: str, detail: str, retry_after: int | None = None,
+                   headers: Mapping[str, str] | None = None) -> Response:
+    extra = dict(headers or {})
+    if retry_after is not None:
+        extra["Retry-After"] = str(retry_after)
+    return JSONResponse({"error": code, "detail": detail}, status_code=status,
+                        headers=extra or None)
 
 
 def keyd_error(error: KeydError) -> Response:
     retry_after = None
     if isinstance(error, BackendUnavailable | StoreUnavailable | IssuerUnavailable | RateLimited):
         retry_after = error.retry_after
-    return error_response(error.status, error.code, error.detail, retry_after)
+    # RFC 6750 3: a 401 names the scheme the caller should use.
+    headers = {"WWW-Authenticate": 'Bearer realm="keyd"'} if isinstance(
+        error, Unauthorized) else None
+    return error_response(error.status, error.code, error.detail, retry_after, headers)
 
 
 async def handle_keyd_error(request: Request, exc: Exception) -> Response:
@@ -51,7 +60,14 @@ async def handle_keyd_error(request: Request, exc: Exception) -> Response:
 async def handle_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    where = f"{request.method} {request.url.path[:100]}"
+    if exc.status_code == 404:
+        detail = f"no such call: {where}"
+    elif exc.status_code == 405:
+        detail = f"{where} is not allowed; this path takes {(exc.headers or {}).get('Allow', '')}"
+    else:
+        detail = str(exc.detail)
+    return error_response(exc.status_code, code, detail, headers=exc.headers)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:

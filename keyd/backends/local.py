@@ -105,11 +105,12 @@ class LocalBackend:
         name="local",
     )
 
-    def __init__(self, keys_dir: Path, master_key: bytes) -> None:
+    def __init__(self, keys_dir: Path, master_key: bytes, master_source: str = "") -> None:
         if len(master_key) != 32:
             raise ConfigError(f"local backend: the master key is {len(master_key)} bytes, not 32")
         self._keys_dir = keys_dir
         self._master = AESGCM(master_key)
+        self._master_source = master_source or "the configuration"  # where it came from
         self._cache: dict[str, _Key] = {}
         self._lock = threading.Lock()
         try:
@@ -144,7 +145,16 @@ class LocalBackend:
         # unwrapping one data key is a single cheap AES-GCM operation.
         refs = self.list_refs()
         if refs:
-            self._unwrap(refs[0], self._read_envelope(refs[0]))
+            try:
+                self._unwrap(refs[0], self._read_envelope(refs[0]))
+            except BackendError:
+                raise BackendError(
+                    f"local: wrong master key: the key from {self._master_source} does not "
+                    f"open {d / refs[0]}.key. Check that it is the key `keyd init` made for "
+                    f"this data_dir (a file wins over $KEYD_MASTER_KEY, which wins over the "
+                    f"credential 'master-key'); if it was lost or replaced, restore the backup "
+                    f"to {self._master_source} (base64url of 32 bytes, mode 0600)"
+                ) from None
 
     def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
         if size not in ALLOWED_KEY_SIZES:
@@ -369,15 +379,20 @@ def _read_master_key_file(path: Path) -> bytes | None:
 
 def resolve_master_key(settings: Settings) -> bytes | None:
     """The first of: the master key file, ``$KEYD_MASTER_KEY``, the credential ``master-key``."""
+    found = _master_key_and_source(settings)
+    return None if found is None else found[0]
+
+
+def _master_key_and_source(settings: Settings) -> tuple[bytes, str] | None:
     path = settings.backend.local.master_key_file
     content = _read_master_key_file(path)
     if content is not None:
-        return _decode_master_key(content, f"file {path}")
+        return _decode_master_key(content, f"file {path}"), f"file {path}"
     # The file was checked above; read_secret covers the environment and systemd.
     secret = read_secret(None, MASTER_KEY_ENV, MASTER_KEY_CREDENTIAL)
     if secret is None:
         return None
-    return _decode_master_key(secret.reveal(), secret.source)
+    return _decode_master_key(secret.reveal(), secret.source), secret.source
 
 
 def create_master_key_file(settings: Settings) -> Path:
@@ -406,11 +421,12 @@ def create_master_key_file(settings: Settings) -> Path:
 
 
 def from_settings(settings: Settings) -> LocalBackend:
-    key = resolve_master_key(settings)
-    if key is None:
+    found = _master_key_and_source(settings)
+    if found is None:
         raise ConfigError(
             "local backend: no master key: run `keyd init`, or set one of: the file "
             f"{settings.backend.local.master_key_file} (mode 0600), ${MASTER_KEY_ENV} "
             f"(base64url of 32 bytes), the systemd credential {MASTER_KEY_CREDENTIAL!r}"
         )
-    return LocalBackend(settings.keyd.data_dir / "keys", key)
+    key, source = found
+    return LocalBackend(settings.keyd.data_dir / "keys", key, source)

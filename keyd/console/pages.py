@@ -81,10 +81,10 @@ async def audit(
             before=before, since=since, until=until, limit=AUDIT_PAGE + 1,
             **{k: v or None for k, v in filters.items()},
         )
-        newest = console.service.audit.page(limit=1)
+        length, digest = console.service.audit.head()
         broken = console.service.audit.verify()
         return {"events": events[:AUDIT_PAGE], "more": len(events) > AUDIT_PAGE,
-                "head": newest[0] if newest else None, "broken": broken}
+                "head": f"{length}:{digest}" if length else None, "broken": broken}
 
     data = await run_in_threadpool(read)
     older = None

@@ -12,7 +12,13 @@ before any library or key sees the token.  Every failure is a keyd.errors type.
 - links:   PayNet's universal link
 """
 
-from keyd.jose.compact import b64u_decode, b64u_encode
+from keyd.jose.compact import (
+    b64u_decode,
+    b64u_encode,
+    json_object_content,
+    read_content,
+    strict_json,
+)
 from keyd.jose.jwe import CekDecrypter, JweResult, decrypt_jwe, parse_jwe_header
 from keyd.jose.jwks import cert_thumbprint, jwks_document, kid_for, public_jwk
 from keyd.jose.jws import (
@@ -22,26 +28,32 @@ from keyd.jose.jws import (
     sign_jws,
     sign_jwt,
 )
-from keyd.jose.links import universal_link_consent
-from keyd.jose.verify import VerifiedJws, verify_jws, verify_jwt_claims
+from keyd.jose.links import UniversalLink, parse_universal_link, universal_link_consent
+from keyd.jose.verify import VerifiedJws, check_time_claims, verify_jws, verify_jwt_claims
 
 __all__ = [
     "PROTECTED_HEADER_NAMES",
     "CekDecrypter",
     "JweResult",
     "Signer",
+    "UniversalLink",
     "VerifiedJws",
     "b64u_decode",
     "b64u_encode",
     "cert_thumbprint",
+    "check_time_claims",
     "client_assertion",
     "decrypt_jwe",
+    "json_object_content",
     "jwks_document",
     "kid_for",
     "parse_jwe_header",
+    "parse_universal_link",
     "public_jwk",
+    "read_content",
     "sign_jws",
     "sign_jwt",
+    "strict_json",
     "universal_link_consent",
     "verify_jws",
     "verify_jwt_claims",

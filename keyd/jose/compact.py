@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any
 
@@ -21,6 +22,7 @@ from keyd.errors import BadRequest, InvalidToken, KeydError, PayloadTooLarge
 MAX_HEADER_BYTES = 8 * 1024  # a decoded protected header
 MAX_TOKEN_CHARS = 1024 * 1024  # a whole compact token
 MAX_NESTING = 16  # JSON depth inside a header; real headers are 1-2 deep
+MAX_CONTENT_NESTING = 64  # request bodies, payloads and plaintexts
 MAX_KID_CHARS = 256
 
 _B64U = re.compile(r"[A-Za-z0-9_-]*")
@@ -75,17 +77,44 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth(value: Any, level: int = 1) -> int:
-    if level > MAX_NESTING:
+def _finite_float(text: str) -> float:
+    # "1e999" is valid JSON grammar but Python reads it as inf, which no JSON
+    # encoder can write back (Starlette's JSONResponse raises on it).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _LoneSurrogate(ValueError):
+    pass
+
+
+def _check_tree(value: Any, limit: int, level: int = 1) -> int:
+    """The nesting depth of ``value``; raises _LoneSurrogate on an unpaired
+    surrogate in any string (``"\ud800"`` decodes to one, and it cannot be
+    encoded as UTF-8 again: an answer holding it would fail to serialise)."""
+    if level > limit:
+        return level
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise _LoneSurrogate()
         return level
     if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
+        deepest = level
+        for name, item in value.items():
+            _check_tree(name, limit, level)
+            deepest = max(deepest, _check_tree(item, limit, level + 1))
+        return deepest
     if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
+        return max((_check_tree(v, limit, level + 1) for v in value), default=level)
     return level
 
 
-def _cheap_depth(text: str) -> int:
+def _cheap_depth(text: str, limit: int = MAX_NESTING) -> int:
     """Bracket depth ignoring strings: refuses deep nesting before json recurses."""
     depth = deepest = 0
     in_string = escaped = False
@@ -102,29 +131,75 @@ def _cheap_depth(text: str) -> int:
         elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-            if deepest > MAX_NESTING:
+            if deepest > limit:
                 return deepest
         elif ch in "]}":
             depth -= 1
     return deepest
 
 
-def strict_json(data: bytes, what: str, error: type[KeydError] = InvalidToken) -> Any:
-    """UTF-8 JSON with no duplicate member names, no NaN, bounded nesting."""
+def strict_json(
+    data: bytes,
+    what: str,
+    error: type[KeydError] = InvalidToken,
+    *,
+    depth: int = MAX_NESTING,
+    too_deep: type[KeydError] | None = None,
+) -> Any:
+    """The one strict JSON reader, for tokens, JWKS documents and request bodies.
+
+    UTF-8 only; no duplicate member names; no NaN, Infinity or numbers that
+    overflow to them (``1e999``); no lone surrogates; at most ``depth`` levels
+    of nesting.  Whatever it returns can be written back as JSON unchanged.
+    """
+    if not isinstance(data, bytes):
+        raise error(f"{what} must be bytes, not {type(data).__name__}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{what} is not UTF-8") from e
-    if _cheap_depth(text) > MAX_NESTING:
-        raise error(f"{what} is nested deeper than {MAX_NESTING} levels")
+    if _cheap_depth(text, depth) > depth:
+        raise (too_deep or error)(f"{what} is nested deeper than {depth} levels")
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates,
+                           parse_constant=_refuse_constant, parse_float=_finite_float)
+        nested = _check_tree(value, depth) > depth
     except _Duplicate as e:
         raise error(f"{what} has the member {show(str(e))} twice") from e
+    except _LoneSurrogate as e:
+        raise error(f"{what} holds a lone surrogate (\\ud800-\\udfff)") from e
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise error(f"{what} is not valid JSON: {show(str(e), 120)}") from e
-    if _depth(value) > MAX_NESTING:
-        raise error(f"{what} is nested deeper than {MAX_NESTING} levels")
+    if nested:
+        raise (too_deep or error)(f"{what} is nested deeper than {depth} levels")
+    return value
+
+
+def read_content(data: bytes, what: str) -> tuple[Any, str | None]:
+    """Content keyd hands back (a payload, a plaintext): ``(value, None)`` when
+    ``data`` is strict JSON, else ``(None, why not)``; never raises on content."""
+    try:
+        return strict_json(data, what, InvalidToken, depth=MAX_CONTENT_NESTING), None
+    except InvalidToken as e:
+        return None, e.detail
+
+
+def json_object_content(
+    data: bytes, what: str, error: type[KeydError] = InvalidToken
+) -> dict[str, Any] | None:
+    """The claims in ``data`` when it is a JSON object; None when it is not
+    one (a consent id, a JWE, text).  Bytes that start like an object must be
+    strict JSON, else ``error``: a lenient reader elsewhere might find claims
+    in ``{"exp":1,"exp":9e9}`` that we never checked (or never signed off on).
+    """
+    head = data.lstrip(b" \t\r\n")
+    if head.startswith(b"\xef\xbb\xbf"):  # a BOM: some readers skip it
+        head = head[3:].lstrip(b" \t\r\n")
+    if not head.startswith(b"{"):
+        return None
+    value = strict_json(data, what, error, depth=MAX_CONTENT_NESTING)
+    if not isinstance(value, dict):
+        raise error(f"{what} is not a JSON object")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from keyd.errors import BadRequest
@@ -11,8 +12,21 @@ MAX_URL_CHARS = 16 * 1024
 MAX_CONSENT_ID_CHARS = 256
 
 
+@dataclass(frozen=True)
+class UniversalLink:
+    consent_id: str
+    signature: str  # a compact JWS by the issuer over consent_id's bytes
+    redirect_uri: str | None  # None when the link carries none
+
+
 def universal_link_consent(url: str) -> tuple[str, str]:
-    """``(consent_id, signature)`` from
+    """``(consent_id, signature)`` of a universal link (see parse_universal_link)."""
+    link = parse_universal_link(url)
+    return link.consent_id, link.signature
+
+
+def parse_universal_link(url: str) -> UniversalLink:
+    """The parts of
     ``https://<dp domain>/ofm/my/authorize/ais?consent_id=…&signature=…&redirect_uri=…``.
 
     The caller then verifies ``signature`` (a compact JWS by PayNet) and checks
@@ -35,11 +49,13 @@ def universal_link_consent(url: str) -> tuple[str, str]:
         raise BadRequest(f"the universal link is not a valid URL: {show(str(e), 120)}") from e
     if parts.scheme != "https" or not host:
         raise BadRequest(f"the universal link must be an https URL, not {show(url)}")
-    found: dict[str, list[str]] = {"consent_id": [], "signature": []}
+    found: dict[str, list[str]] = {"consent_id": [], "signature": [], "redirect_uri": []}
     for name, value in params:
         if name in found:
             found[name].append(value)
     for name, values in found.items():
+        if name == "redirect_uri" and not values:
+            continue  # optional; checked against the issuer's allow-list when it has one
         if len(values) != 1 or not values[0]:
             raise BadRequest(
                 f"the universal link needs exactly one non-empty {name}, found {len(values)}"
@@ -47,4 +63,5 @@ def universal_link_consent(url: str) -> tuple[str, str]:
     consent_id, signature = found["consent_id"][0], found["signature"][0]
     if len(consent_id) > MAX_CONSENT_ID_CHARS or not consent_id.isprintable():
         raise BadRequest(f"consent_id {show(consent_id)} is not a printable id")
-    return consent_id, signature
+    redirect = found["redirect_uri"]
+    return UniversalLink(consent_id, signature, redirect[0] if redirect else None)

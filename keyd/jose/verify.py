@@ -160,6 +160,14 @@ def _check_jti(header: dict[str, Any]) -> str | None:
     return jti
 
 
+def _check_required(header: dict[str, Any], require: Sequence[str]) -> None:
+    missing = [name for name in require if name not in header]
+    if missing:
+        raise InvalidToken(
+            f"the header lacks {', '.join(missing)}, which this issuer's profile requires"
+        )
+
+
 def _check_iss(header: dict[str, Any], expected: str | None) -> None:
     if "iss" not in header:
         return
@@ -226,6 +234,14 @@ def _check_signature(
     digest = spec.digest()
     try:
         if isinstance(public, rsa.RSAPublicKey):
+            # RFC 7518 3.3/3.5 and RFC 8017 8.1.2: the signature is exactly as
+            # long as the modulus.  OpenSSL pads a short one with leading zeros
+            # and accepts it, which makes two encodings of one signature.
+            size = (public.key_size + 7) // 8
+            if len(signature) != size:
+                raise InvalidSignature(
+                    f"an {alg} signature with this key is {size} bytes, not {len(signature)}"
+                )
             # RFC 7518 3.5: the PSS salt is as long as the hash output.
             pss = padding.PSS(mgf=padding.MGF1(spec.digest()), salt_length=digest.digest_size)
             public.verify(signature, data, pss, digest)
@@ -252,10 +268,19 @@ def verify_jws(
     max_future: timedelta = timedelta(seconds=10),
     replay: ReplayCheck | None = None,
     expected_iss: str | None = None,
+    require: Sequence[str] = (),
+    check_payload: Callable[[bytes], None] | None = None,
 ) -> VerifiedJws:
     """Verify a compact (or detached, ``h..s``) JWS against the issuer's keys.
 
-    ``expected_iss``: when given, a header ``iss`` must equal it exactly.
+    ``expected_iss``: when given, a header ``iss`` must equal it exactly;
+    without it a ``crit`` naming ``iss`` is refused, since nothing here could
+    validate the value that ``crit`` says must be understood.  ``require``:
+    header members every message of this issuer carries.  With ``replay``, a
+    ``jti`` is remembered until its ``iat`` leaves the accepted window, so a
+    ``jti`` without ``iat`` (no bound on how long to remember it) is refused.
+    ``check_payload`` runs on the verified payload before the jti is
+    recorded, so a token refused for its claims changes nothing.
     """
     if isinstance(algorithms, str):  # "PS256" is a Sequence too; never match substrings
         algorithms = (algorithms,)
@@ -274,11 +299,20 @@ def verify_jws(
         if name in header:
             raise InvalidToken(f"header {name!r} belongs to a JWE, not a JWS")
     kid = header_kid(header, "JWS")
+    _check_required(header, require)
     crit = _check_crit(header)
+    if "iss" in crit and expected_iss is None:
+        raise InvalidToken(
+            "crit names iss, but no expected iss is configured for this issuer, so it "
+            "cannot be validated (set [issuers.<name>] iss)"
+        )
     b64 = _check_b64(header, crit)
     _check_iss(header, expected_iss)
     iat = _check_iat(header, now, max_future, iat_max_age)
     jti = _check_jti(header)
+    if jti is not None and replay is not None and (iat is None or iat_max_age is None):
+        raise InvalidToken("a jti without an iat (and an iat window) cannot be checked for "
+                           "replay; the message must carry iat")
     if not s_seg:
         raise InvalidToken("the JWS signature is empty")
     signature = b64u_decode(s_seg, InvalidToken, "the JWS signature")
@@ -286,14 +320,14 @@ def verify_jws(
 
     public = _public_key(keys(kid), alg, kid)
     _check_signature(public, alg, signature, h_seg.encode("ascii") + b"." + signed_payload)
+    if check_payload is not None:
+        check_payload(payload)
 
-    if jti is not None and replay is not None:
-        # Remember the jti for as long as the token could still be accepted.
-        # (iat is within the window here, so fromtimestamp cannot overflow.)
-        if iat is not None and iat_max_age is not None:
-            keep_until = datetime.fromtimestamp(iat, now.tzinfo) + iat_max_age + max_future
-        else:
-            keep_until = now + timedelta(days=1)
+    if jti is not None and replay is not None and iat is not None and iat_max_age is not None:
+        # Remember the jti for as long as the token could still be accepted:
+        # until its iat is older than the window (plus the leeway).  (iat is
+        # within the window here, so fromtimestamp cannot overflow.)
+        keep_until = datetime.fromtimestamp(iat, now.tzinfo) + iat_max_age + max_future
         if replay(jti, keep_until):
             raise InvalidToken(f"jti {show(jti)} has been seen before (replay)")
     return VerifiedJws(header=header, payload=payload, kid=kid)
@@ -308,6 +342,24 @@ def _numeric_date(claims: dict[str, Any], name: str) -> int | None:
     if not _is_int(value):
         raise InvalidToken(f"claim {name} must be an integer NumericDate, not {show(value)}")
     return int(value)
+
+
+def check_time_claims(
+    claims: dict[str, Any], *, now: datetime, leeway: timedelta, what: str = "the JWT"
+) -> None:
+    """``exp``, ``nbf`` and ``iat``, where present, are integer NumericDates
+    and hold at ``now`` give or take ``leeway``."""
+    current = int(now.timestamp())
+    skew = int(leeway.total_seconds())
+    exp = _numeric_date(claims, "exp")
+    nbf = _numeric_date(claims, "nbf")
+    iat = _numeric_date(claims, "iat")
+    if exp is not None and exp + skew <= current:
+        raise InvalidToken(f"{what} expired at {exp} ({current - exp} s ago)")
+    if nbf is not None and nbf > current + skew:
+        raise InvalidToken(f"{what} is not valid before {nbf} ({nbf - current} s from now)")
+    if iat is not None and iat > current + skew:
+        raise InvalidToken(f"{what} iat {iat} is {iat - current} s in the future")
 
 
 def verify_jwt_claims(
@@ -326,17 +378,7 @@ def verify_jwt_claims(
     for name in require:
         if name not in claims:
             raise InvalidToken(f"the JWT has no {name} claim")
-    current = int(now.timestamp())
-    skew = int(max_future.total_seconds())
-    exp = _numeric_date(claims, "exp")
-    nbf = _numeric_date(claims, "nbf")
-    iat = _numeric_date(claims, "iat")
-    if exp is not None and exp + skew <= current:
-        raise InvalidToken(f"the JWT expired at {exp} ({current - exp} s ago)")
-    if nbf is not None and nbf > current + skew:
-        raise InvalidToken(f"the JWT is not valid before {nbf} ({nbf - current} s from now)")
-    if iat is not None and iat > current + skew:
-        raise InvalidToken(f"the JWT iat {iat} is {iat - current} s in the future")
+    check_time_claims(claims, now=now, leeway=max_future)
     if issuer is not None:
         iss = claims.get("iss")
         # Exact string equality: a list or a substring never matches.

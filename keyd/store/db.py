@@ -8,8 +8,10 @@ that is locked, read-only or unreachable surfaces as ``StoreUnavailable``
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from sqlalchemy.exc import (
 from sqlmodel import Session
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
+from keyd.resources import migrations_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,28 @@ log = logging.getLogger(__name__)
 _BEGIN = "keyd_sqlite_begin"
 
 
-def migrations_dir() -> Path:
-    """The Alembic folder, beside the keyd package (keyd ships as an editable install).
+_REVISION = re.compile(r"^(down_revision|revision)\b[^=]*=\s*(.+)$", re.MULTILINE)
 
-    Found from this file rather than ``keyd.__file__``, which is None when an
-    editable install resolves keyd as a namespace package.
-    """
-    return Path(__file__).resolve().parents[2] / "migrations"
+
+def _script_head(folder: Path) -> str | None:
+    """The single head of a linear revision history, read from the scripts' text."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in folder.glob("*.py"):
+        try:
+            text_ = script.read_text("utf-8")
+            found = {m.group(1): m.group(2) for m in _REVISION.finditer(text_)}
+            revision = ast.literal_eval(found["revision"])
+            parent = ast.literal_eval(found["down_revision"])
+        except (OSError, UnicodeDecodeError, KeyError, ValueError, SyntaxError):
+            return None
+        if not isinstance(revision, str) or not isinstance(parent, str | None):
+            return None  # a merge revision (a tuple of parents): let Alembic decide
+        revisions.add(revision)
+        if parent is not None:
+            parents.add(parent)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 class Store:
@@ -74,13 +92,15 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to head; running it again (or concurrently) is harmless."""
+        if self._at_head():
+            return  # the common case: no Alembic import, no write lock (a quick `keyd status`)
         from alembic import command
         from alembic.config import Config
         from alembic.util.exc import CommandError
 
         folder = migrations_dir()
         if not (folder / "env.py").is_file():
-            raise ConfigError(f"migrations folder {folder} not found (install keyd editable)")
+            raise ConfigError(f"migrations folder {folder} has no env.py; reinstall keyd")
         cfg = Config()
         cfg.set_main_option("script_location", str(folder))
         cfg.set_main_option("path_separator", "os")
@@ -99,6 +119,23 @@ class Store:
             raise ConfigError(f"store migration failed: {e}") from e
         except SQLAlchemyError as e:
             raise store_error(e, "schema migration") from e
+
+    def _at_head(self) -> bool:
+        """The store already holds the one head revision of the shipped scripts.
+
+        A cheap read that lets every open skip Alembic; anything unusual (no
+        version table, several heads, a script it cannot read) answers False
+        and the full, locked upgrade runs as before.
+        """
+        head = _script_head(migrations_dir() / "versions")
+        if head is None:
+            return False
+        try:
+            with self._engine.connect() as conn:
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        except SQLAlchemyError:
+            return False
+        return [r[0] for r in rows] == [head]
 
     # ---------------------------------------------------------------- sessions
 

@@ -1,0 +1,150 @@
+"""Benchmark: sign p99 with and without an issuer whose JWKS trickles.
+
+    .venv/bin/python bench/issuer_isolation.py [--seconds 8] [--connections 16]
+
+keyd runs with two issuers.  Run 1 drives POST /v1/sign/jws with wrk and
+nothing else.  Run 2 does the same while background callers keep asking
+POST /v1/verify/jws for unknown kids of the "trickle" issuer, whose JWKS
+endpoint answers a byte every half second (every such verify needs a
+refetch, and the refetch cool-down is 0 s, so one is always under way).
+Prints both p99s and their ratio (THREATS "issuer isolation": the target is
+a ratio near 1; before the fetch left the issuer lock, one trickling issuer
+took an unrelated sign from 0.12 s to 3.7 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.sign_jws import wrk  # noqa: E402 - after the path fix
+from tests.daemon import keyd, start, write_config  # noqa: E402
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TricklingJwks:
+    """Answers the first request at once (keyd's start-up fetch), then drips."""
+
+    def __init__(self) -> None:
+        # Any well-formed key will do: the verifies ask for kids it lacks.
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        numbers = rsa.generate_private_key(65537, 2048).public_key().public_numbers()
+        self.body = json.dumps({"keys": [{
+            "kty": "RSA", "kid": "known", "use": "sig", "alg": "PS256",
+            "n": b64u(numbers.n.to_bytes(256, "big")), "e": b64u(b"\x01\x00\x01")}]}).encode()
+        self.stop = threading.Event()
+        self.trickle = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                try:
+                    if not outer.trickle.is_set():
+                        self.wfile.write(outer.body)
+                        return
+                    for i in range(len(outer.body)):
+                        self.wfile.write(outer.body[i:i + 1])
+                        self.wfile.flush()
+                        if outer.stop.wait(0.5):
+                            return
+                except OSError:
+                    return  # keyd gave up, as it should
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def verify_storm(api_url: str, token: str, stop: threading.Event, callers: int) -> list[int]:
+    """Callers asking for unknown kids of the trickling issuer until ``stop``."""
+    counts = [0] * callers
+    header = b64u(json.dumps({"alg": "PS256", "kid": "rotated"}).encode())
+    compact = f"{header}.{b64u(b'x')}.{b64u(bytes(256))}"
+
+    def run(i: int) -> None:
+        with httpx.Client(base_url=api_url, timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            while not stop.is_set():
+                client.post("/v1/verify/jws", json={"jws": compact, "issuer": "trickle"})
+                counts[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(callers)]
+    for t in threads:
+        t.start()
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--callers", type=int, default=48, help="background verify callers")
+    args = parser.parse_args()
+
+    jwks = TricklingJwks()
+    try:
+        with tempfile.TemporaryDirectory(prefix="keyd-bench-") as folder:
+            config = write_config(Path(folder), {
+                "lifecycle.transport": {"enabled": False}, "api": {"rate_limit": 0},
+                "issuers.trickle": {"jwks_uri": jwks.url, "refetch_cooldown": "0s",
+                                    "fetch_timeout": 5},
+            })
+            keyd(config, "init")
+            token = keyd(config, "client", "add", "bench", "--policy", "service").stdout.strip()
+            daemon = start(config)
+            try:
+                url = daemon.api_url + "/v1/sign/jws"
+                wrk(url, token, 2, args.connections)  # warm-up
+                quiet = wrk(url, token, args.seconds, args.connections)
+                jwks.trickle.set()
+                stop = threading.Event()
+                counts = verify_storm(daemon.api_url, token, stop, args.callers)
+                try:
+                    wrk(url, token, 2, args.connections)  # let the storm build up
+                    stormy = wrk(url, token, args.seconds, args.connections)
+                finally:
+                    stop.set()
+            finally:
+                daemon.stop()
+    finally:
+        jwks.close()
+    result = {
+        "benchmark": "sign p99 with and without a trickling issuer (local backend)",
+        "quiet": quiet,
+        "with_trickling_issuer": stormy,
+        "background_verifies_answered": sum(counts),
+        "p99_ratio": round(stormy["p99_ms"] / quiet["p99_ms"], 2),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

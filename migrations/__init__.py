@@ -1,0 +1,1 @@
+"""Alembic scripts, shipped as ``keyd.migrations`` (see setup.py); run by keyd.store."""
