@@ -1,8 +1,0 @@
-"""Persistence: SQLModel tables, the engine and sessions, typed queries.
-
-No business rules live here; keyd/service.py decides, the store remembers.
-"""
-
-from keyd.store.db import Store
-
-__all__ = ["Store"]
