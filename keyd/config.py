@@ -156,6 +156,7 @@ class LifecycleSettings:
     overlap: timedelta
     renew_before: timedelta
     exportable: bool  # transport only: the TLS terminator needs the private key
+    max_published: int = 10  # a rotation that would publish more keys is refused
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ class TransportDeploySettings:
 class SchedulerSettings:
     interval: timedelta = timedelta(seconds=60)
     renew_interval: timedelta = timedelta(minutes=5)  # backend credential renewal
+    # A key intent older than this whose process may still live is erased by recovery.
+    intent_grace: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -348,8 +351,11 @@ def _read_lifecycle(
         # An HSM never lets a key out, so there the transport key stays on the
         # token (a TLS terminator then uses the token through PKCS#11).
         exportable=t.flag("exportable", purpose is Purpose.TRANSPORT and backend != "pkcs11"),
+        max_published=t.integer("max_published", 10),
     )
     t.done()
+    if settings.max_published < 2:
+        raise ConfigError(f"{t.name('max_published')} must be at least 2 (old and new key)")
     if settings.exportable and purpose is not Purpose.TRANSPORT:
         raise ConfigError(f"{t.name('exportable')}: only the transport key may be exportable")
     if settings.exportable and backend == "pkcs11":
@@ -599,6 +605,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     scheduler = SchedulerSettings(
         interval=sc.duration("interval", "60s"),
         renew_interval=sc.duration("renew_interval", "5m"),
+        intent_grace=sc.duration("intent_grace", "10m"),
     )
     sc.done()
     if scheduler.interval < timedelta(seconds=1):

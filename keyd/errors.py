@@ -44,6 +44,13 @@ class Conflict(KeydError):
     status = 409
 
 
+class RotationUnderWay(Conflict):
+    """A purpose already has its next key (pending, awaiting a certificate, or
+    being made): a second rotation would make a second one."""
+
+    code = "rotation_under_way"
+
+
 class RequestTimeout(KeydError):
     """The client took too long to send its request (a slow-connection guard)."""
 
