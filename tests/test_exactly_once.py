@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
+from keyd.alerts import Alert, Alerter
 from keyd.clock import SettableClock
 from keyd.errors import Conflict, KeydError, RotationUnderWay
 from keyd.jobs import Jobs
@@ -268,3 +269,27 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_an_alert_is_claimed_in_the_store_and_sent_once_by_racing_processes(
+        service: KeyService, clock: SettableClock, store_url: str) -> None:
+    """Two stores on one database stand for two replicas; each alert goes out once."""
+    other = Store(store_url)
+    try:
+        sent = Recorder()
+        alerters = [Alerter(service.settings, store, clock, on_sent=sent)
+                    for store in (service.store, other)]
+        alert = Alert(subject="certificate:abc", title="expires", text="soon")
+
+        def race(i: int) -> bool:
+            return alerters[i % 2].once(alert, "1d", repeat=timedelta(days=1))
+
+        assert sum(at_once(THREADS, race)) == 1
+        assert len(sent.sent) == 1
+        clock.advance(timedelta(hours=23))
+        assert sum(at_once(THREADS, race)) == 0
+        clock.advance(timedelta(hours=1))  # the daily repeat: again exactly once
+        assert sum(at_once(THREADS, race)) == 1
+        assert len(sent.sent) == 2
+    finally:
+        other.close()

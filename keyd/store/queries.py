@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, update
@@ -278,3 +278,35 @@ def _insert_if_absent_on(session: Session, table: Any, values: dict[str, Any],
     stmt = (insert(table).values(**values).on_conflict_do_nothing(index_elements=list(index))
             .returning(*pk))
     return conn.execute(stmt).first() is not None
+
+
+def claim_alert(session: Session, subject: str, threshold: str, now: datetime,
+                repeat: timedelta | None) -> tuple[bool, datetime | None]:
+    """Claim the sending of (subject, threshold) at ``now``: (claimed, previous sent_at).
+
+    The first time is an INSERT ... ON CONFLICT DO NOTHING; a repeat is a
+    compare-and-set on the stored time, so two processes never both win.
+    """
+    if _insert_if_absent(session, AlertSent,
+                         {"subject": subject, "threshold": threshold, "sent_at": now}):
+        return True, None
+    previous = alert_sent_at(session, subject, threshold)
+    if repeat is None or previous is None or previous + repeat > now:
+        return False, previous
+    result = session.exec(
+        update(AlertSent)
+        .where(col(AlertSent.subject) == subject, col(AlertSent.threshold) == threshold,
+               col(AlertSent.sent_at) == previous)
+        .values(sent_at=now))
+    return int(getattr(result, "rowcount", 0) or 0) == 1, previous
+
+
+def release_alert(session: Session, subject: str, threshold: str, claimed_at: datetime,
+                  previous: datetime | None) -> None:
+    """Undo our claim (every channel failed), unless another process claimed since."""
+    mine = (col(AlertSent.subject) == subject, col(AlertSent.threshold) == threshold,
+            col(AlertSent.sent_at) == claimed_at)
+    if previous is None:
+        session.exec(delete(AlertSent).where(*mine))
+    else:
+        session.exec(update(AlertSent).where(*mine).values(sent_at=previous))
