@@ -201,6 +201,7 @@ class SchedulerSettings:
     renew_interval: timedelta = timedelta(minutes=5)  # backend credential renewal
     # A key intent older than this whose process may still live is erased by recovery.
     intent_grace: timedelta = timedelta(minutes=10)
+    lease: timedelta = timedelta(seconds=10)  # leader lease among replicas and workers
 
 
 @dataclass(frozen=True)
@@ -606,10 +607,13 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         interval=sc.duration("interval", "60s"),
         renew_interval=sc.duration("renew_interval", "5m"),
         intent_grace=sc.duration("intent_grace", "10m"),
+        lease=sc.duration("lease", "10s"),
     )
     sc.done()
     if scheduler.interval < timedelta(seconds=1):
         raise ConfigError(f"{sc.name('interval')} must be at least 1s")
+    if scheduler.lease < timedelta(seconds=1):
+        raise ConfigError(f"{sc.name('lease')} must be at least 1s")
     if scheduler.renew_interval < timedelta(seconds=1):
         raise ConfigError(f"{sc.name('renew_interval')} must be at least 1s")
 

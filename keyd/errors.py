@@ -51,6 +51,12 @@ class RotationUnderWay(Conflict):
     code = "rotation_under_way"
 
 
+class LeaseLost(Conflict):
+    """Work for the leader refused: this process no longer holds the lease."""
+
+    code = "lease_lost"
+
+
 class RequestTimeout(KeydError):
     """The client took too long to send its request (a slow-connection guard)."""
 

@@ -7,6 +7,7 @@ in keyd/tokens.py and calls back into this class for keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -14,6 +15,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,11 +35,13 @@ from keyd.errors import (
     CertificateError,
     Conflict,
     KeydError,
+    KeyNotFound,
     NotFound,
     RotationUnderWay,
     Unauthorized,
 )
 from keyd.issuers import IssuerKeys
+from keyd.lease import Lease
 from keyd.model import KeyState, KidScheme, Mode, Purpose
 from keyd.policy import Policy, load_policies
 from keyd.replica import this_replica
@@ -141,6 +145,8 @@ class KeyService:
         self._loaded_at = float("-inf")
         self._jwks: tuple[bytes, str] | None = None
         self._clients: dict[str, tuple[Caller, float]] = {}
+        self._fencing = threading.local()
+        self.lease: Lease | None = None  # set by `keyd serve`
 
     # ------------------------------------------------------------------ opening
 
@@ -203,7 +209,7 @@ class KeyService:
         second claim impossible even for code that skips the check.
         """
         with self.store.session("claim a new key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             self._refuse_if_waiting(session, purpose)
             if cap:
                 limit = self.settings.lifecycle[purpose].max_published
@@ -217,6 +223,24 @@ class KeyService:
             if not queries.claim_intent(session, intent):
                 raise RotationUnderWay(f"a {purpose.value} key is being made by another process")
             return intent.id
+
+    # ------------------------------------------------------------------ fencing
+
+    @contextlib.contextmanager
+    def fenced(self, fence: Callable[[Session], None]) -> Iterator[None]:
+        """Lifecycle writes on this thread, until the block ends, first call
+        ``fence(session)`` in their transaction (the leader's epoch check)."""
+        self._fencing.check = fence
+        try:
+            yield
+        finally:
+            self._fencing.check = None
+
+    def _lock_lifecycle(self, session: Session) -> None:
+        queries.lock_lifecycle(session)
+        check: Callable[[Session], None] | None = getattr(self._fencing, "check", None)
+        if check is not None:
+            check(session)
 
     def _refuse_if_waiting(self, session: Session, purpose: Purpose) -> None:
         waiting = queries.keys_by_state(
@@ -315,7 +339,7 @@ class KeyService:
                 key.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
             failpoints.hit("after_certificate")
             with self.store.session("create key", write=True) as session:
-                queries.lock_lifecycle(session)
+                self._lock_lifecycle(session)
                 if not queries.drop_intent(session, key_id):
                     raise Conflict(f"key intent {key_id} was erased by recovery; not stored")
                 session.add(key)
@@ -459,7 +483,7 @@ class KeyService:
             raise BadRequest("kid scheme is 'assigned': give the directory's kid with --kid")
         chain = x509.load_chain(data)
         with self.store.session("certificate import", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, kid_or_id)
             state = KeyState(key.state)
             if state in (KeyState.DESTROYED, KeyState.REVOKED, KeyState.RETIRED):
@@ -512,7 +536,7 @@ class KeyService:
         """``key_id`` (pending) becomes active; the active key retires, in one transaction."""
         failpoints.hit("before_activate")
         with self.store.session("activate key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             self._activate_locked(session, key, actor=actor, reason=reason)
             info = _info(key, self._current_leaf(session, key.id))
@@ -568,7 +592,7 @@ class KeyService:
     def retire(self, key_id: str, *, actor: str, reason: str) -> None:
         """Retire a key now (repair of a surplus active key)."""
         with self.store.session("retire key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             life = self.settings.lifecycle[Purpose(key.purpose)]
             self._retire_locked(session, key, self.clock.now(), life.overlap, actor=actor,
@@ -585,7 +609,7 @@ class KeyService:
         """
         failpoints.hit("before_destroy")
         with self.store.session("destroy key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             now = self.clock.now()
             due = (KeyState(key.state) is KeyState.RETIRED and key.destroy_after is not None
@@ -641,7 +665,7 @@ class KeyService:
         deadline = time.monotonic() + ROTATE_NOW_WAIT
         while True:
             with self.store.session("rotate now", write=True) as session:
-                queries.lock_lifecycle(session)
+                self._lock_lifecycle(session)
                 active = queries.keys_by_state(session, purpose.value, [KeyState.ACTIVE])
                 if active and active[0].id not in found:
                     return _info(active[0], self._current_leaf(session, active[0].id))
@@ -716,7 +740,7 @@ class KeyService:
             replacement = self.create_key(purpose, actor=actor, activate=False).id
         failpoints.hit("before_revoke")
         with self.store.session("revoke key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             lifecycle.check_transition(key.id, KeyState(key.state), KeyState.REVOKED)
             was_active = KeyState(key.state) is KeyState.ACTIVE
@@ -781,6 +805,7 @@ class KeyService:
         False when the intent was gone already (its key was stored meanwhile).
         """
         with self.store.session("erase a key intent", write=True) as session:
+            self._lock_lifecycle(session)
             if not queries.drop_intent(session, intent.id):
                 return False
             self.audit.record(AuditEvent(
@@ -927,24 +952,60 @@ class KeyService:
     # ------------------------------------------------------------------ health
 
     def ready(self) -> dict[str, object]:
-        """Readiness: backend reachable, store reachable, an active key per purpose."""
-        checks: dict[str, object] = {}
+        """Readiness: backend reachable, store writable, an active key per purpose
+        and each of them present in the backend; and who this replica is."""
+        checks: dict[str, str] = {}
         try:
             self.backend.check()
             checks["backend"] = "ok"
         except KeydError as e:
             checks["backend"] = e.detail
         try:
-            self.store.ping()
+            self.store.ping(write=True)
+            checks["store"] = "ok"
+        except KeydError as e:
+            checks["store"] = e.detail
+        try:
             self._loaded_at = float("-inf")
             self._refresh()
             missing = [p.value for p in self.settings.enabled_purposes() if p not in self._active]
             checks["active_keys"] = "ok" if not missing else f"missing: {', '.join(missing)}"
         except KeydError as e:
-            checks["store"] = e.detail
-        checks.setdefault("store", "ok")
-        checks["ready"] = all(v == "ok" for v in checks.values())
-        return checks
+            checks["active_keys"] = e.detail
+        if checks["backend"] == "ok":
+            checks["active_keys_in_backend"] = self._active_keys_in_backend()
+        lease = self.lease.state() if self.lease is not None else None
+        return {
+            "ready": all(v == "ok" for v in checks.values()),
+            "replica": lease.replica if lease is not None else this_replica(),
+            "leader": lease.leader if lease is not None else False,
+            "lease_expires_at": None if lease is None else lease.to_json()["lease_expires_at"],
+            "epoch": None if lease is None else lease.epoch,
+            "checks": checks,
+        }
+
+    def _active_keys_in_backend(self) -> str:
+        """A key deleted from the backend behind keyd's back makes this replica
+        not ready at once (the leader's recovery alerts and replaces it)."""
+        lost = []
+        for key in list(self._active.values()):
+            try:
+                self.backend.public_key(key.ref)
+            except KeyNotFound:
+                lost.append(f"{key.purpose.value} key {key.kid}")
+            except KeydError as e:
+                return e.detail
+        return "ok" if not lost else f"missing from the backend: {', '.join(lost)}"
+
+    def replicas(self, within: timedelta) -> list[dict[str, object]]:
+        """The serving processes seen within ``within`` (newest first)."""
+        with self.store.session("replicas read") as session:
+            rows = queries.replicas_seen(session)
+            now = self.store.now(session.connection())
+        return [{"replica": r.replica, "leader": r.leader, "endpoint": r.endpoint,
+                 "started_at": _rfc3339(utc(r.started_at)),
+                 "seen_seconds_ago": round((now - utc(r.seen_at)).total_seconds(), 1)}
+                for r in rows if now - utc(r.seen_at) <= within]
 
 
 def _times(key: KeyVersion) -> lifecycle.KeyTimes:

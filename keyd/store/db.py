@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,35 @@ class Store:
             stack = self._local.stack = []
         return stack
 
-    def ping(self) -> None:
-        """Raises StoreUnavailable unless the database answers."""
-        with self.session("ping") as s:
-            s.connection().execute(text("SELECT 1"))
+    def file_path(self) -> Path | None:
+        """The SQLite database file (None for PostgreSQL or an in-memory database)."""
+        if self.dialect != "sqlite":
+            return None
+        database = self._url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return Path(database)
+
+    def now(self, conn: Connection) -> datetime:
+        """The database's clock: one clock for every replica on PostgreSQL.
+
+        (SQLite lives on one host, whose clock every process shares.)
+        """
+        if self.dialect == "postgresql":
+            value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            assert isinstance(value, datetime)
+            return value.astimezone(UTC)
+        return datetime.now(UTC)
+
+    def ping(self, *, write: bool = False) -> None:
+        """Raises StoreUnavailable unless the database answers (``write``: and
+        would take a write: a read-only or locked database fails it)."""
+        with self.session("ping", write=write) as s:
+            conn = s.connection()
+            conn.execute(text("SELECT 1"))
+            if write and self.dialect == "postgresql":
+                # Refused on a read-only transaction or a standby (hot standby).
+                conn.execute(text("SELECT txid_current()"))
 
     def close(self) -> None:
         self._engine.dispose()

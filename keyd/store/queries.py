@@ -13,7 +13,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from keyd.model import KeyState
-from keyd.store.tables import AlertSent, Certificate, Client, KeyIntent, KeyVersion, SeenJti
+from keyd.store.tables import (
+    AlertSent,
+    Certificate,
+    Client,
+    KeyIntent,
+    KeyVersion,
+    ReplicaSeen,
+    SeenJti,
+)
 
 # Longest kid or jti looked up or stored as given.  A hostile token can carry
 # a 10 KB kid; no stored kid is that long, and a long jti is kept as its hash.
@@ -310,3 +318,7 @@ def release_alert(session: Session, subject: str, threshold: str, claimed_at: da
         session.exec(delete(AlertSent).where(*mine))
     else:
         session.exec(update(AlertSent).where(*mine).values(sent_at=previous))
+
+
+def replicas_seen(session: Session) -> list[ReplicaSeen]:
+    return list(session.exec(select(ReplicaSeen).order_by(col(ReplicaSeen.seen_at).desc())).all())

@@ -168,3 +168,29 @@ class AlertSent(SQLModel, table=True):
     threshold: str = Field(primary_key=True)
     sent_at: datetime = Field(sa_type=UTCDateTime)
 
+
+
+class Lease(SQLModel, table=True):
+    """A lease among the processes sharing the store (``leader``: who runs the
+    scheduler).  Each new holder raises the epoch; lifecycle writes made for
+    the leader check it, so a leader that lost its lease changes nothing."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True)
+    epoch: int
+    holder: str  # replica name
+    acquired_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)  # by the database's clock
+
+
+class ReplicaSeen(SQLModel, table=True):
+    """Each serving process, refreshed every lease tick (`keyd status` lists them)."""
+
+    __tablename__ = "replicas"
+
+    replica: str = Field(primary_key=True)
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    seen_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    leader: bool = False
+    endpoint: str | None = Field(default=None)
