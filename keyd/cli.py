@@ -115,6 +115,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from keyd import deployment
     from keyd.api.server import bind_listeners, lock_data_dir, serve
     from keyd.jobs import Jobs
     from keyd.lease import Lease
@@ -126,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     lock_data_dir(settings)
     listeners = bind_listeners(settings)
     with _service(args, require_backend=False) as service:
+        deployment.check_clock(service.store, service.clock)
         try:
             service.init()
         except BackendUnavailable as e:
@@ -303,6 +305,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # every file keyd writes (keyd.db, its journals, locks) is 0600
     args = _parser().parse_args(argv)
     serving = args.command == "serve"
     # serve: JSON lines off a terminal (journald), text at one; admin commands

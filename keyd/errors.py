@@ -145,10 +145,14 @@ class BackendUnavailable(BackendError):
 
 
 class KeyNotFound(BackendError):
-    """The backend has no key under the given reference."""
+    """The backend has no key under the given reference.
+
+    503, not 404: the caller named no key; a key the store relies on is gone
+    from the backend, so this replica is not ready until the leader's
+    recovery replaces it (and says so in an alert)."""
 
     code = "key_not_found"
-    status = 404
+    status = 503
 
 
 class StoreUnavailable(KeydError):

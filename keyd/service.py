@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlmodel import Session
 
-from keyd import failpoints, jose, lifecycle, x509
+from keyd import deployment, failpoints, jose, lifecycle, x509
 from keyd.audit import AuditEvent, AuditLog
 from keyd.backends import open_backend
 from keyd.backends.base import Backend
@@ -38,6 +38,7 @@ from keyd.errors import (
     KeyNotFound,
     NotFound,
     RotationUnderWay,
+    StoreUnavailable,
     Unauthorized,
 )
 from keyd.issuers import IssuerKeys
@@ -55,6 +56,10 @@ log = logging.getLogger("keyd.service")
 # made through this process invalidate it at once; another process's change
 # (the CLI) is seen within this bound.
 KEY_CACHE_SECONDS = 1.0
+
+# While the store is down, the JWKS is served from its last good copy and the
+# store is tried again after this many seconds.
+STORE_RETRY = 2.0
 
 # How long `rotate --now` waits for a key another process is making.
 ROTATE_NOW_WAIT = 60.0
@@ -146,6 +151,8 @@ class KeyService:
         self._jwks: tuple[bytes, str] | None = None
         self._clients: dict[str, tuple[Caller, float]] = {}
         self._fencing = threading.local()
+        self._jwks_last_good: tuple[bytes, str] | None = None
+        self._store_down_until = float("-inf")
         self.lease: Lease | None = None  # set by `keyd serve`
 
     # ------------------------------------------------------------------ opening
@@ -158,6 +165,7 @@ class KeyService:
         store = Store(settings.store.url)
         try:
             store.migrate()
+            deployment.check(store, settings)
             backend = open_backend(settings, require_up=require_backend)
         except BaseException:
             store.close()
@@ -860,7 +868,27 @@ class KeyService:
         return self._usable.get(kid)
 
     def jwks(self) -> tuple[bytes, str]:
-        """The public JWKS document and its content-derived ETag."""
+        """The public JWKS document and its content-derived ETag.
+
+        While the store is down the last good copy is served (SPEC: the JWKS
+        stays up), and the store is asked again only every STORE_RETRY
+        seconds, so an outage does not make every fetch wait out a timeout.
+        """
+        last = self._jwks_last_good
+        if last is not None and time.monotonic() < self._store_down_until:
+            return last
+        try:
+            document = self._current_jwks()
+        except StoreUnavailable as e:
+            if last is None:
+                raise
+            self._store_down_until = time.monotonic() + STORE_RETRY
+            log.warning("serving the last good JWKS: %s", e.detail)
+            return last
+        self._jwks_last_good = document
+        return document
+
+    def _current_jwks(self) -> tuple[bytes, str]:
         self._refresh()
         with self._lock:
             cached = self._jwks

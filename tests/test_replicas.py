@@ -15,6 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from keyd import config as keyd_config
+from keyd.model import Purpose
+from keyd.service import KeyService
 from tests.daemon import KEYD, Daemon, keyd, start, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.test_daemon_vault import least_privilege_transit, vault_tables
@@ -124,3 +127,79 @@ def test_a_live_unix_socket_is_never_unlinked_by_another_daemon(tmp_path: Path) 
             assert client.get("/healthz").status_code == 200
     finally:
         first.stop()
+
+
+def test_a_replica_whose_backend_differs_from_the_store_s_refuses_to_start(
+        tmp_path: Path, postgres_url: str) -> None:
+    """The local backend with its own data_dir joining a shared store: refused with
+    one line naming both, instead of revoking every key it cannot find."""
+    configs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        configs.append(write_config(tmp_path / name, {
+            "lifecycle.transport": {"enabled": False}, "store": {"url": postgres_url}}))
+    keyd(configs[0], "init")
+    before = keyd(configs[0], "keys", "list", "--json").stdout
+    refused = keyd(configs[1], "init", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 2, refused.stderr
+    line = refused.stderr.splitlines()[-1]  # after "created master key …"
+    assert "holds the keys of local master key" in line
+    assert "this replica's backend is local master key" in line
+    assert keyd(configs[0], "keys", "list", "--json").stdout == before
+
+
+def test_every_file_keyd_writes_is_0600(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"lifecycle.transport": {"enabled": False}})
+    keyd(config, "init")
+    daemon = start(config)
+    try:
+        data_dir = tmp_path / "var"
+        files = [p for p in data_dir.rglob("*") if p.is_file()]
+        names = {p.name for p in files}
+        assert {"keyd.db", "master.key", "serve.lock", "keyd.db.leader",
+                "endpoints.json"} <= names, names
+        for path in files:
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {path.stat().st_mode:o}"
+    finally:
+        daemon.stop()
+
+
+def test_a_key_deleted_from_the_backend_is_not_ready_then_replaced_by_the_leader(
+        tmp_path: Path, openbao: BaoServer) -> None:
+    transit = least_privilege_transit(openbao)
+    tables = vault_tables(tmp_path, openbao.addr, transit, transport=False)
+    tables["scheduler"] = {"interval": "1h", "lease": "2s"}
+    config = write_config(tmp_path, tables)
+    keyd(config, "init")
+    token = keyd(config, "client", "add", "svc", "--policy", "service").stdout.strip()
+    service = KeyService.open(keyd_config.load(config))
+    try:
+        lost = service.active_key(Purpose.SIGNING)
+    finally:
+        service.close()
+    daemon = start(config)
+    try:
+        with daemon.client(token) as svc:
+            assert svc.post("/v1/sign/jwt", json={"claims": {}, "ttl": 60}).status_code == 200
+            # Deleted behind keyd's back, by an operator with the root token.
+            root = openbao.client().secrets.transit
+            root.update_key_configuration(lost.ref, deletion_allowed=True,
+                                          mount_point=transit.mount)
+            root.delete_key(lost.ref, mount_point=transit.mount)
+            answer = svc.post("/v1/sign/jwt", json={"claims": {}, "ttl": 60})
+            assert answer.status_code == 503, answer.text  # never a silent 404
+            ready = readyz(daemon)
+            assert ready["ready"] is False
+            assert lost.kid in ready["checks"]["active_keys_in_backend"]
+        daemon.stop()
+        daemon = start(config)  # the leader's recovery (start-up, or its next tick)
+        with daemon.client(token) as svc:
+            answer = svc.post("/v1/sign/jwt", json={"claims": {}, "ttl": 60})
+            assert answer.status_code == 200 and answer.json()["kid"] != lost.kid
+        assert readyz(daemon)["ready"] is True
+        assert "lost from the backend" in (tmp_path / "keyd.log").read_text()  # the alert
+        states = {k["kid"]: k["state"] for k in
+                  json.loads(keyd(config, "keys", "list", "--json").stdout)}
+        assert states[lost.kid] == "revoked"
+    finally:
+        daemon.stop()

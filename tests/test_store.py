@@ -22,7 +22,7 @@ from tests.fixtures.postgres import read_only_url
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KL = timezone(timedelta(hours=8))  # Kuala Lumpur: an aware, non-UTC zone
 TABLES = {"key_versions", "certificates", "clients", "audit_events", "seen_jti", "alerts_sent",
-          "key_intents", "leases", "replicas"}
+          "key_intents", "leases", "replicas", "deployment"}
 
 
 def _key(purpose: str = "signing", state: KeyState = KeyState.ACTIVE, kid: str | None = None,
@@ -53,7 +53,7 @@ def test_migrate_twice_creates_every_table_and_changes_nothing_the_second_time(
         with store.engine.connect() as conn:
             assert TABLES <= set(inspect(conn).get_table_names())
             version = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        assert version == [("0003",)]
+        assert version == [("0004",)]
     finally:
         store.close()
 

@@ -45,6 +45,28 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "migrations"
 
 
+# A store outage stays local (one replica cut off must not stall the others):
+# - connect_timeout: fail closed fast when the server is down;
+# - TCP keepalives and tcp_user_timeout: a black-holed connection is declared
+#   dead in ~10 s instead of hanging a pooled connection for the whole outage;
+# - statement_timeout / lock_timeout: no statement or lock wait (the audit or
+#   lifecycle advisory locks included) outlasts them;
+# - idle_in_transaction_session_timeout, shorter than lock_timeout: the
+#   server ends the session of a replica that went quiet inside a
+#   transaction, releasing the locks it held (its transaction-level advisory
+#   locks die with it) before the replicas waiting on them give up.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+    "options": "-c statement_timeout=15000 -c lock_timeout=15000 "
+               "-c idle_in_transaction_session_timeout=5000",
+}
+
+
 class Store:
     """One database, reached through one engine (a pool of connections)."""
 
@@ -58,10 +80,15 @@ class Store:
         if self.dialect == "sqlite":
             self._engine = _sqlite_engine(parsed)
         else:
+            args = dict(PG_CONNECT_ARGS)
+            given = parsed.query.get("options")
+            if isinstance(given, str):  # the URL's own options come first
+                args["options"] = f"{given} {args['options']}"
+                parsed = parsed.difference_update_query(["options"])
             self._engine = create_engine(
                 parsed,
                 pool_pre_ping=True,  # a restarted server costs one retry, not an error
-                connect_args={"connect_timeout": 5},  # fail closed fast when it is down
+                connect_args=args,
             )
 
     def __repr__(self) -> str:

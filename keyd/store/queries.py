@@ -17,6 +17,7 @@ from keyd.store.tables import (
     AlertSent,
     Certificate,
     Client,
+    DeploymentFact,
     KeyIntent,
     KeyVersion,
     ReplicaSeen,
@@ -322,3 +323,11 @@ def release_alert(session: Session, subject: str, threshold: str, claimed_at: da
 
 def replicas_seen(session: Session) -> list[ReplicaSeen]:
     return list(session.exec(select(ReplicaSeen).order_by(col(ReplicaSeen.seen_at).desc())).all())
+
+
+def deployment_fact(session: Session, name: str, value: str) -> str:
+    """The stored value of fact ``name``, recording ``value`` if there is none yet."""
+    _insert_if_absent(session, DeploymentFact, {"name": name, "value": value})
+    row = session.get(DeploymentFact, name)
+    assert row is not None
+    return row.value

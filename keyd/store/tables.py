@@ -194,3 +194,12 @@ class ReplicaSeen(SQLModel, table=True):
     seen_at: datetime = Field(sa_type=UTCDateTime, index=True)
     leader: bool = False
     endpoint: str | None = Field(default=None)
+
+
+class DeploymentFact(SQLModel, table=True):
+    """Facts fixed when the store was first used: its id, its backend's identity."""
+
+    __tablename__ = "deployment"
+
+    name: str = Field(primary_key=True)
+    value: str
