@@ -163,7 +163,7 @@ def test_concurrent_rotations_in_separate_processes_make_exactly_one_pending_key
         assert err.count("\n") == 1 and "rotation is under way" in err, err
     keys = json.loads(keyd(cfg, "keys", "list", "--json").stdout)
     assert [k["state"] for k in keys if k["purpose"] == "signing"].count("pending") == 1
-    assert keyd(cfg, "audit", "verify").stdout.strip() == "audit chain intact"
+    assert keyd(cfg, "audit", "verify").stdout.startswith("audit chain intact")
 
 
 def test_a_second_rotation_names_the_pending_kid_and_when_it_activates(tmp_path: Path) -> None:

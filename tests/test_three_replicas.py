@@ -216,7 +216,7 @@ def test_three_replicas_on_one_store_and_one_openbao(
     assert len(live) == len(stored)  # nothing was revoked as "lost"
     names = set(transit.keys())
     assert len(names) == len(live), (sorted(names), sorted(live))
-    assert keyd(config, "audit", "verify").stdout.strip() == "audit chain intact"
+    assert keyd(config, "audit", "verify").stdout.startswith("audit chain intact")
 
     # Each alert went out once, whichever replica led when it fell due.
     subjects = Counter(json.loads(body)["subject"] for body, _ in hook.bodies)
