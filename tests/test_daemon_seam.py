@@ -163,7 +163,8 @@ def refused(answer: httpx.Response, status: int, error: str | None = None) -> di
 
 def audit_events(daemon: Daemon, action: str) -> list[dict[str, Any]]:
     out = keyd(daemon.config, "audit", "--action", action, "--json", "--limit", "10000").stdout
-    return [json.loads(line) for line in out.splitlines()]
+    events: list[dict[str, Any]] = json.loads(out)  # one JSON document: a list of events
+    return events
 
 
 def link(consent_id: str, signature: str, *, prefix: str = "https://dp.example.my/ofm/my/",
