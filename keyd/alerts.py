@@ -125,17 +125,24 @@ class Alerter:
         """Send unless (subject, threshold) went out before (or, with ``repeat``,
         within that long).  True when sent.
 
-        Sent first, remembered after: a crash in between sends it twice
-        rather than never (an expiry warning lost is worse than a duplicate).
+        Claimed first, sent after: the claim is one conditional write in the
+        store, so of several processes (replicas, or a leader and its
+        successor) exactly one sends.  When every configured channel fails
+        the claim is handed back, so the next run tries again; only a crash
+        between claim and send loses the alert (the log line may survive).
         """
         now = self.clock.now()
-        with self.store.session("alert lookup") as session:
-            last = queries.alert_sent_at(session, alert.subject, threshold)
-        if last is not None and (repeat is None or utc(last) + repeat > now):
+        with self.store.session("alert claim", write=True) as session:
+            claimed, previous = queries.claim_alert(session, alert.subject, threshold, now,
+                                                    repeat)
+        if not claimed:
             return False
-        self.send(alert)
-        with self.store.session("alert record", write=True) as session:
-            queries.set_alert_sent(session, alert.subject, threshold, now)
+        failed = self.send(alert)
+        channels = sum(c is not None for c in (self.settings.alerts.webhook,
+                                               self.settings.alerts.smtp))
+        if channels and len(failed) == channels:
+            with self.store.session("alert release", write=True) as session:
+                queries.release_alert(session, alert.subject, threshold, now, previous)
         return True
 
     # ------------------------------------------------------------------ channels

@@ -156,29 +156,43 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from keyd.api.server import serve
+    from keyd import deployment
+    from keyd.api.server import bind_listeners, lock_data_dir, serve
     from keyd.jobs import Jobs
+    from keyd.lease import Lease
     from keyd.scheduler import Scheduler
 
+    settings = config.load(args.config)
+    # The data_dir lock and the listeners first: a second daemon refused here
+    # (busy port, live socket) exits having recovered and changed nothing.
+    lock_data_dir(settings)
+    listeners = bind_listeners(settings)
     with _service(args, require_backend=False) as service:
+        deployment.check_clock(service.store, service.clock)
         try:
             service.init()
         except BackendUnavailable as e:
             # Keys already exist (or cannot be made now): serve what the store has.
             logging.getLogger("keyd").warning("init skipped: %s", e.detail)
-        # The lifecycle runs once before the listeners open (crash recovery:
-        # nothing is served from a half-finished rotation), then beside them
-        # every [scheduler] interval.
+        lease = Lease(service.store, settings.scheduler.lease,
+                      endpoint=listeners[1].get("api") or listeners[1].get("socket"))
+        service.lease = lease
         jobs = Jobs(service)
-        report = jobs.run(startup=True)
-        for error in report.errors:
-            logging.getLogger("keyd").error("start-up jobs: %s", error)
-        scheduler = Scheduler(jobs)
+        scheduler = Scheduler(jobs, lease)
+        # The leader runs the lifecycle (recovery first) once before the
+        # listeners open, then every [scheduler] interval; the others serve.
+        if lease.tick():
+            report = scheduler.run_if_leader()
+            for error in report.errors if report is not None else []:
+                logging.getLogger("keyd").error("start-up jobs: %s", error)
+        lease.on_change = scheduler.wake
+        lease.start()
         scheduler.start()
         try:
-            serve(service)
+            serve(service, listeners)
         finally:
             scheduler.stop()
+            lease.stop()
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
@@ -291,6 +305,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         now = service.clock.now()
         keys = [k for k in service.keys() if k.state.value not in ("destroyed", "revoked")]
         issuers = _issuer_status(service) if args.issuers or not args.json else []
+        recently = max(3 * service.settings.scheduler.lease, timedelta(minutes=1))
+        replicas = service.replicas(recently)
     keys.sort(key=lambda k: (k.not_after is None, k.not_after or now))
     if args.json:
         listed = [{**k.to_json(), "days_left": None if k.not_after is None else
@@ -309,6 +325,11 @@ def cmd_status(args: argparse.Namespace) -> None:
         line = f"{purpose:<11} {state:<21} {expires:<{width}}  {kid}"
         print(_coloured(line, k, now, service.settings.alerts.thresholds) if colour else line)
     _print_issuers(issuers)
+    if replicas:
+        print(f"\n{'REPLICA':<40} {'ROLE':<8} SEEN")
+        for r in replicas:
+            print(f"{r['replica']!s:<40} {'leader' if r['leader'] else 'follower':<8} "
+                  f"{r['seen_seconds_ago']}s ago")
     missing = {p for p in Purpose} - {k.purpose for k in keys if k.state.value == "active"}
     for purpose in sorted(p.value for p in missing & set(service.settings.enabled_purposes())):
         print(f"keyd: warning: no active {purpose} key", file=sys.stderr)
@@ -385,6 +406,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # every file keyd writes (keyd.db, its journals, locks) is 0600
     args = _parser().parse_args(argv)
     serving = args.command == "serve"
     # serve: JSON lines off a terminal (journald), text at one; admin commands

@@ -165,6 +165,7 @@ class LifecycleSettings:
     overlap: timedelta
     renew_before: timedelta
     exportable: bool  # transport only: the TLS terminator needs the private key
+    max_published: int = 10  # a rotation that would publish more keys is refused
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,9 @@ class TransportDeploySettings:
 class SchedulerSettings:
     interval: timedelta = timedelta(seconds=60)
     renew_interval: timedelta = timedelta(minutes=5)  # backend credential renewal
+    # A key intent older than this whose process may still live is erased by recovery.
+    intent_grace: timedelta = timedelta(minutes=10)
+    lease: timedelta = timedelta(seconds=10)  # leader lease among replicas and workers
 
 
 @dataclass(frozen=True)
@@ -374,8 +378,11 @@ def _read_lifecycle(
         # An HSM never lets a key out, so there the transport key stays on the
         # token (a TLS terminator then uses the token through PKCS#11).
         exportable=t.flag("exportable", purpose is Purpose.TRANSPORT and backend != "pkcs11"),
+        max_published=t.integer("max_published", 10),
     )
     t.done()
+    if settings.max_published < 2:
+        raise ConfigError(f"{t.name('max_published')} must be at least 2 (old and new key)")
     if settings.exportable and purpose is not Purpose.TRANSPORT:
         raise ConfigError(f"{t.name('exportable')}: only the transport key may be exportable")
     if settings.exportable and backend == "pkcs11":
@@ -658,10 +665,14 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     scheduler = SchedulerSettings(
         interval=sc.duration("interval", "60s"),
         renew_interval=sc.duration("renew_interval", "5m"),
+        intent_grace=sc.duration("intent_grace", "10m"),
+        lease=sc.duration("lease", "10s"),
     )
     sc.done()
     if scheduler.interval < timedelta(seconds=1):
         raise ConfigError(f"{sc.name('interval')} must be at least 1s")
+    if scheduler.lease < timedelta(seconds=1):
+        raise ConfigError(f"{sc.name('lease')} must be at least 1s")
     if scheduler.renew_interval < timedelta(seconds=1):
         raise ConfigError(f"{sc.name('renew_interval')} must be at least 1s")
 

@@ -44,6 +44,19 @@ class Conflict(KeydError):
     status = 409
 
 
+class RotationUnderWay(Conflict):
+    """A purpose already has its next key (pending, awaiting a certificate, or
+    being made): a second rotation would make a second one."""
+
+    code = "rotation_under_way"
+
+
+class LeaseLost(Conflict):
+    """Work for the leader refused: this process no longer holds the lease."""
+
+    code = "lease_lost"
+
+
 class RequestTimeout(KeydError):
     """The client took too long to send its request (a slow-connection guard)."""
 
@@ -139,10 +152,14 @@ class BackendUnavailable(BackendError):
 
 
 class KeyNotFound(BackendError):
-    """The backend has no key under the given reference."""
+    """The backend has no key under the given reference.
+
+    503, not 404: the caller named no key; a key the store relies on is gone
+    from the backend, so this replica is not ready until the leader's
+    recovery replaces it (and says so in an alert)."""
 
     code = "key_not_found"
-    status = 404
+    status = 503
 
 
 class StoreUnavailable(KeydError):

@@ -22,12 +22,14 @@ from keyd import deploy, jose, lifecycle, x509
 from keyd.alerts import Alert, Alerter
 from keyd.audit import AuditEvent
 from keyd.clock import utc
-from keyd.errors import KeydError
+from keyd.errors import KeydError, RotationUnderWay
 from keyd.lifecycle import Step
 from keyd.metrics import LIFECYCLE
 from keyd.model import KeyState, Mode, Purpose, SignScheme
+from keyd.replica import known_dead
 from keyd.service import KeyService
 from keyd.store import queries
+from keyd.store.tables import KeyIntent
 
 log = logging.getLogger("keyd.jobs")
 
@@ -127,7 +129,11 @@ class Jobs:
     def _carry_out(self, purpose: Purpose, action: lifecycle.Action) -> bool:
         service = self.service
         if action.step is Step.CREATE:
-            info = service.create_key(purpose, actor=ACTOR, activate=False)
+            try:
+                info = service.create_key(purpose, actor=ACTOR, activate=False)
+            except RotationUnderWay as e:
+                log.info("rotation of %s: %s", purpose.value, e.detail)  # another did it
+                return False
             log.info("rotation of %s started: %s (%s)", purpose.value, info.kid or info.id,
                      action.reason)
             if info.state is KeyState.AWAITING_CERTIFICATE:
@@ -183,16 +189,33 @@ class Jobs:
         and revoke stored keys the backend lost.
 
         Only refs the backend lists as keyd's (its prefix and ref shape) are
-        considered.  A backend key whose row is not committed yet (another
-        process between generate and commit) would look orphaned, so this
-        runs at start-up; a deployment shares one backend prefix with one
-        store only.
+        considered.  A key being made right now is known by its intent (see
+        KeyService.recovery_view): an intent is abandoned only when its process
+        is known dead (same host) or it is older than ``[scheduler]
+        intent_grace``, and while any live intent has no backend ref yet, no
+        unknown ref is erased (it may be that intent's key).
         """
         report = Report()
         service = self.service
-        held, known = service.backend_refs()
+        held, known, intents = service.recovery_view()
+        now = service.clock.now()
+        grace = service.settings.scheduler.intent_grace
+        live: list[KeyIntent] = []
+        for intent in intents:
+            if known_dead(intent.replica) or utc(intent.created_at) + grace <= now:
+                try:
+                    if service.abandon_intent(intent, actor=ACTOR):
+                        report.done.append(f"erased abandoned intent {intent.id}")
+                except KeydError as e:
+                    report.errors.append(f"erase intent {intent.id}: {e.detail}")
+            else:
+                live.append(intent)
+        in_flight = {i.backend_ref for i in live if i.backend_ref is not None}
+        unnamed_in_flight = any(i.backend_ref is None for i in live)
         for ref in sorted(held):
             row = known.get(ref)
+            if ref in in_flight or (row is None and unnamed_in_flight):
+                continue  # a key another process is making right now
             if row is None or row[1] not in lifecycle.LIVE_STATES:
                 try:
                     service.backend.destroy(ref)
@@ -202,8 +225,14 @@ class Jobs:
                     report.done.append(f"erased {what} {ref}")
                 except KeydError as e:
                     report.errors.append(f"erase {ref}: {e.detail}")
+        lost = {ref for ref, (_, state) in known.items()
+                if state in lifecycle.LIVE_STATES and ref not in held}
+        if lost:
+            # A key made after the first listing and stored before the store was
+            # read looks lost; a second listing, after the read, shows it.
+            lost -= set(service.backend.list_refs())
         for ref, (key_id, state) in sorted(known.items()):
-            if state in lifecycle.LIVE_STATES and ref not in held:
+            if ref in lost:
                 # The backend lost a key the store relies on: it can neither sign
                 # nor decrypt any more, so it must not stay published.
                 try:

@@ -7,12 +7,14 @@ in keyd/tokens.py and calls back into this class for keys.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlmodel import Session
 
-from keyd import failpoints, jose, lifecycle, x509
+from keyd import deployment, failpoints, jose, lifecycle, x509
 from keyd.audit import AuditEvent, AuditLog
 from keyd.backends import open_backend
 from keyd.backends.base import Backend
@@ -33,14 +35,19 @@ from keyd.errors import (
     CertificateError,
     Conflict,
     KeydError,
+    KeyNotFound,
     NotFound,
+    RotationUnderWay,
+    StoreUnavailable,
     Unauthorized,
 )
+from keyd.lease import Lease
 from keyd.model import KeyState, KidScheme, Mode, Purpose
 from keyd.policy import Policy, load_policies
+from keyd.replica import this_replica
 from keyd.store import queries
 from keyd.store.db import Store
-from keyd.store.tables import Certificate, Client, KeyVersion
+from keyd.store.tables import Certificate, Client, KeyIntent, KeyVersion, new_key_id
 
 if TYPE_CHECKING:
     from keyd.issuers import IssuerKeys
@@ -51,6 +58,13 @@ log = logging.getLogger("keyd.service")
 # made through this process invalidate it at once; another process's change
 # (the CLI) is seen within this bound.
 KEY_CACHE_SECONDS = 1.0
+
+# While the store is down, the JWKS is served from its last good copy and the
+# store is tried again after this many seconds.
+STORE_RETRY = 2.0
+
+# How long `rotate --now` waits for a key another process is making.
+ROTATE_NOW_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,10 @@ class KeyService:
         self._loaded_at = float("-inf")
         self._jwks: tuple[bytes, str] | None = None
         self._clients: dict[str, tuple[Caller, float]] = {}
+        self._fencing = threading.local()
+        self._jwks_last_good: tuple[bytes, str] | None = None
+        self._store_down_until = float("-inf")
+        self.lease: Lease | None = None  # set by `keyd serve`
 
     # ------------------------------------------------------------------ opening
 
@@ -167,6 +185,7 @@ class KeyService:
         store = Store(settings.store.url)
         try:
             store.migrate()
+            deployment.check(store, settings)
             backend = open_backend(settings, require_up=require_backend)
         except BaseException:
             store.close()
@@ -184,7 +203,11 @@ class KeyService:
     # ------------------------------------------------------------------ keys
 
     def init(self) -> list[KeyInfo]:
-        """One usable key per enabled purpose; running it again changes nothing."""
+        """One usable key per enabled purpose; running it again changes nothing.
+
+        Several processes may run it at once (replicas starting together):
+        the per-purpose claim lets one create each key, the others skip it.
+        """
         with self.store.session() as session:
             missing = [
                 purpose
@@ -197,23 +220,120 @@ class KeyService:
                 )
             ]
         for purpose in missing:
-            self.create_key(purpose, actor="init", activate=True)
+            try:
+                self.create_key(purpose, actor="init", activate=True)
+            except RotationUnderWay as e:
+                log.info("init: %s", e.detail)
         return self.keys()
 
-    def create_key(self, purpose: Purpose, *, actor: str, activate: bool) -> KeyInfo:
+    def claim(self, purpose: Purpose, *, cap: bool) -> str:
+        """Claim the purpose's one slot for a new key: a key intent, recorded before
+        the backend makes anything.  Returns the new key's id.
+
+        Under the lifecycle lock: refused (RotationUnderWay, naming it) while the
+        purpose has a pending key, a key awaiting its certificate, or a key
+        being made; with ``cap``, refused when one more published key would
+        exceed ``max_published``.  The unique indexes behind this make a
+        second claim impossible even for code that skips the check.
+        """
+        with self.store.session("claim a new key", write=True) as session:
+            self._lock_lifecycle(session)
+            self._refuse_if_waiting(session, purpose)
+            if cap:
+                limit = self.settings.lifecycle[purpose].max_published
+                count = queries.count_published(session, purpose.value)
+                if count + 1 > limit:
+                    raise Conflict(
+                        f"{purpose.value} has {count} published keys and max_published is "
+                        f"{limit}: wait until retired keys are destroyed")
+            intent = KeyIntent(id=new_key_id(), purpose=purpose.value, replica=this_replica(),
+                               created_at=self.clock.now())
+            if not queries.claim_intent(session, intent):
+                raise RotationUnderWay(f"a {purpose.value} key is being made by another process")
+            return intent.id
+
+    # ------------------------------------------------------------------ fencing
+
+    @contextlib.contextmanager
+    def fenced(self, fence: Callable[[Session], None]) -> Iterator[None]:
+        """Lifecycle writes on this thread, until the block ends, first call
+        ``fence(session)`` in their transaction (the leader's epoch check)."""
+        self._fencing.check = fence
+        try:
+            yield
+        finally:
+            self._fencing.check = None
+
+    def _lock_lifecycle(self, session: Session) -> None:
+        queries.lock_lifecycle(session)
+        check: Callable[[Session], None] | None = getattr(self._fencing, "check", None)
+        if check is not None:
+            check(session)
+
+    def _refuse_if_waiting(self, session: Session, purpose: Purpose) -> None:
+        waiting = queries.keys_by_state(
+            session, purpose.value, [KeyState.PENDING, KeyState.AWAITING_CERTIFICATE])
+        if waiting:
+            key = waiting[0]
+            if KeyState(key.state) is KeyState.PENDING:
+                when = lifecycle.ready_at(_times(key), self.settings.lifecycle[purpose])
+                raise RotationUnderWay(
+                    f"a {purpose.value} rotation is under way: key {key.kid} is pending "
+                    f"and activates at {_rfc3339(when)}")
+            raise RotationUnderWay(
+                f"a {purpose.value} rotation is under way: key {key.id} awaits its "
+                f"certificate (`keyd csr {key.id}`, then `keyd cert import`)")
+        intent = queries.intent_for(session, purpose.value)
+        if intent is not None:
+            raise RotationUnderWay(
+                f"a {purpose.value} rotation is under way: key {intent.id} is being made "
+                f"by {intent.replica} since {_rfc3339(utc(intent.created_at))}")
+
+    def _release(self, key_id: str) -> None:
+        try:
+            with self.store.session("release a key intent", write=True) as session:
+                queries.drop_intent(session, key_id)
+        except KeydError as e:
+            log.warning("key intent %s stays until recovery: %s", key_id, e.detail)
+
+    def create_key(self, purpose: Purpose, *, actor: str, activate: bool,
+                   claimed: str | None = None, activate_now: bool = False) -> KeyInfo:
         """Generate a key in the backend and give it a certificate (or a CSR).
 
         Sandbox: self-signed at once; the first key of a purpose becomes active,
-        later ones pending.  Production: a CSR, and the key awaits its
-        certificate (`keyd cert import`).
+        later ones pending (``activate_now``: active at once, the old one
+        retired, in the same transaction).  Production: a CSR, and the key
+        awaits its certificate (`keyd cert import`).
+
+        The purpose's slot is claimed first (``claimed``: the caller did);
+        the key row replaces the intent in one transaction, which fails when
+        recovery has meanwhile erased the intent, so a key recovery gave up
+        on never goes live.
         """
+        key_id = claimed or self.claim(purpose, cap=False)
+        try:
+            info = self._create_claimed(purpose, key_id, actor=actor, activate=activate,
+                                        activate_now=activate_now)
+        except BaseException:
+            self._release(key_id)
+            raise
+        failpoints.hit("after_create")
+        self.invalidate()
+        log.info("created %s key %s (%s)", purpose.value, info.kid or info.id, info.state.value)
+        return info
+
+    def _create_claimed(self, purpose: Purpose, key_id: str, *, actor: str, activate: bool,
+                        activate_now: bool) -> KeyInfo:
         life = self.settings.lifecycle[purpose]
         generated = self.backend.generate(
             purpose, life.key_size, exportable=life.exportable and purpose is Purpose.TRANSPORT
         )
         try:
-            # A crash from here until the commit below leaves a backend key the
-            # store does not know: recover() erases such orphans on start-up.
+            # Until the commit below the key is known by its intent only; a crash
+            # leaves an intent that recovery erases (with this backend key).
+            with self.store.session("record a key intent", write=True) as session:
+                if not queries.set_intent_ref(session, key_id, generated.ref):
+                    raise Conflict(f"key intent {key_id} was erased by recovery; not stored")
             failpoints.hit("after_generate")
             now = self.clock.now()
             subject = x509.Subject(
@@ -222,7 +342,7 @@ class KeyService:
                 country=self.settings.keyd.country,
             )
             key = KeyVersion(
-                id="kv_" + secrets.token_hex(8),
+                id=key_id,
                 purpose=purpose.value,
                 state=KeyState.AWAITING_CERTIFICATE.value,
                 kid=None,
@@ -247,7 +367,9 @@ class KeyService:
                 key.csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
             failpoints.hit("after_certificate")
             with self.store.session("create key", write=True) as session:
-                queries.lock_lifecycle(session)
+                self._lock_lifecycle(session)
+                if not queries.drop_intent(session, key_id):
+                    raise Conflict(f"key intent {key_id} was erased by recovery; not stored")
                 session.add(key)
                 session.flush()
                 if cert is not None:
@@ -262,15 +384,15 @@ class KeyService:
                                 "key_size": key.key_size},
                     )
                 )
+                if activate_now and KeyState(key.state) is KeyState.PENDING:
+                    self._activate_locked(session, key, actor=actor,
+                                          reason="admin rotation --now")
                 info = _info(key, cert)
         except BaseException:
             # The key never reached the store (its row was not committed):
-            # erase it now rather than leave an orphan for the next start-up.
+            # erase it now rather than leave an orphan for recovery.
             self._discard(generated.ref)
             raise
-        failpoints.hit("after_create")
-        self.invalidate()
-        log.info("created %s key %s (%s)", purpose.value, info.kid or info.id, info.state.value)
         return info
 
     def _discard(self, ref: str) -> None:
@@ -342,10 +464,10 @@ class KeyService:
 
     def _dated(self, info: KeyInfo, key: KeyVersion) -> KeyInfo:
         """``info`` with a pending key's activation time (lifecycle.ready_at)."""
-        if info.state is not KeyState.PENDING or key.publish_at is None:
+        if info.state is not KeyState.PENDING:
             return info
-        return replace(info, activates_at=utc(key.publish_at)
-                       + self.settings.lifecycle[info.purpose].prepublish)
+        return replace(info, activates_at=lifecycle.ready_at(
+            _times(key), self.settings.lifecycle[info.purpose]))
 
     def rotation_counts(self, keys: list[KeyInfo] | None = None) -> dict[Purpose, int]:
         """Rotations completed per purpose, from the store (so the CLI's, the
@@ -402,7 +524,7 @@ class KeyService:
             raise BadRequest("kid scheme is 'assigned': give the directory's kid with --kid")
         chain = x509.load_chain(data)
         with self.store.session("certificate import", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, kid_or_id)
             state = KeyState(key.state)
             if state in (KeyState.DESTROYED, KeyState.REVOKED, KeyState.RETIRED):
@@ -455,7 +577,7 @@ class KeyService:
         """``key_id`` (pending) becomes active; the active key retires, in one transaction."""
         failpoints.hit("before_activate")
         with self.store.session("activate key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             self._activate_locked(session, key, actor=actor, reason=reason)
             info = _info(key, self._current_leaf(session, key.id))
@@ -511,7 +633,7 @@ class KeyService:
     def retire(self, key_id: str, *, actor: str, reason: str) -> None:
         """Retire a key now (repair of a surplus active key)."""
         with self.store.session("retire key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             life = self.settings.lifecycle[Purpose(key.purpose)]
             self._retire_locked(session, key, self.clock.now(), life.overlap, actor=actor,
@@ -528,7 +650,7 @@ class KeyService:
         """
         failpoints.hit("before_destroy")
         with self.store.session("destroy key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             now = self.clock.now()
             due = (KeyState(key.state) is KeyState.RETIRED and key.destroy_after is not None
@@ -552,29 +674,85 @@ class KeyService:
 
     def rotate(self, purpose: Purpose, *, actor: str, now: bool = False) -> KeyInfo:
         """Start a rotation: a new key, pending for ``prepublish`` (sandbox) or
-        awaiting its certificate (production).
+        awaiting its certificate (production).  While one is under way a second
+        is refused (RotationUnderWay, 409) naming the key and when it activates.
 
-        ``now=True`` activates it at once, skipping pre-publication: verifiers
+        ``now=True`` activates a key at once, skipping pre-publication: verifiers
         holding a cached JWKS (PayNet: up to 15 minutes) reject tokens signed
         by the new key until they refetch.  For emergencies only.
         """
         if purpose not in self.settings.enabled_purposes():
             raise BadRequest(f"purpose {purpose.value} is not enabled")
+        if now:
+            return self._rotate_now(purpose, actor=actor)
+        key_id = self.claim(purpose, cap=True)
+        info = self.create_key(purpose, actor=actor, activate=False, claimed=key_id)
+        self._audit_simple(actor, "key.rotate", info, {"now": False})
         with self.store.session("lifecycle read") as session:
-            waiting = queries.keys_by_state(
-                session, purpose.value, [KeyState.PENDING, KeyState.AWAITING_CERTIFICATE])
-            existing = _info(waiting[-1], None) if waiting else None
-        if existing is not None and not now:
-            raise Conflict(f"a {purpose.value} rotation is under way: key "
-                           f"{existing.kid or existing.id} is {existing.state.value}")
-        if existing is None:
-            existing = self.create_key(purpose, actor=actor, activate=False)
-            self._audit_simple(actor, "key.rotate", existing, {"now": now})
-        if now and existing.state is KeyState.PENDING:
-            return self.activate(existing.id, actor=actor, reason="admin rotation --now")
+            row = queries.key_by_id(session, info.id)
+        return info if row is None else self._dated(info, row)
+
+    def _rotate_now(self, purpose: Purpose, *, actor: str) -> KeyInfo:
+        """Serialised forced rotations: the key active when the call arrived stops
+        signing when it returns, and concurrent calls share one new key.
+
+        Under the lifecycle lock, in order: another forced rotation already
+        replaced the key we found -> that is the answer; a pending key ->
+        activated in this transaction; a key being made elsewhere -> wait for
+        it; else claim the slot and make a key that is activated in the
+        transaction that stores it.
+        """
         with self.store.session("lifecycle read") as session:
-            row = queries.key_by_id(session, existing.id)
-        return existing if row is None else self._dated(existing, row)
+            found = [k.id for k in queries.keys_by_state(session, purpose.value,
+                                                         [KeyState.ACTIVE])]
+        deadline = time.monotonic() + ROTATE_NOW_WAIT
+        while True:
+            with self.store.session("rotate now", write=True) as session:
+                self._lock_lifecycle(session)
+                active = queries.keys_by_state(session, purpose.value, [KeyState.ACTIVE])
+                if active and active[0].id not in found:
+                    return _info(active[0], self._current_leaf(session, active[0].id))
+                waiting = queries.keys_by_state(
+                    session, purpose.value, [KeyState.PENDING, KeyState.AWAITING_CERTIFICATE])
+                if waiting and KeyState(waiting[0].state) is KeyState.PENDING:
+                    key = waiting[0]
+                    self._activate_locked(session, key, actor=actor,
+                                          reason="admin rotation --now")
+                    self.audit.record(AuditEvent(
+                        actor=actor, action="key.rotate", kid=key.kid, purpose=purpose.value,
+                        detail={"id": key.id, "now": True}))
+                    info = _info(key, self._current_leaf(session, key.id))
+                    break
+                if waiting:  # production: nothing to activate until the CA answers
+                    return _info(waiting[0], None)
+                being_made = queries.intent_for(session, purpose.value)
+                claimed: str | None = None
+                if being_made is None:
+                    limit = self.settings.lifecycle[purpose].max_published
+                    count = queries.count_published(session, purpose.value)
+                    if count + 1 > limit:
+                        raise Conflict(
+                            f"{purpose.value} has {count} published keys and max_published "
+                            f"is {limit}: wait until retired keys are destroyed")
+                    claimed = new_key_id()
+                    queries.claim_intent(session, KeyIntent(
+                        id=claimed, purpose=purpose.value, replica=this_replica(),
+                        created_at=self.clock.now()))
+            if claimed is not None:
+                info = self.create_key(purpose, actor=actor, activate=False, claimed=claimed,
+                                       activate_now=True)
+                failpoints.hit("after_activate")
+                self._audit_simple(actor, "key.rotate", info, {"now": True})
+                return info
+            if time.monotonic() > deadline:
+                maker = being_made.replica if being_made is not None else "another process"
+                raise RotationUnderWay(
+                    f"a {purpose.value} key is still being made by {maker}; try again")
+            time.sleep(0.05)  # another process is making the key this call will activate
+        failpoints.hit("after_activate")
+        self.invalidate()
+        log.info("activated %s key %s (admin rotation --now)", purpose.value, info.kid)
+        return info
 
     def revoke(self, kid_or_id: str, *, reason: str, actor: str) -> tuple[KeyInfo, KeyInfo | None]:
         """Revoke a key: out of the JWKS at once, refused for every operation.
@@ -597,13 +775,15 @@ class KeyService:
             lifecycle.check_transition(key.id, state, KeyState.REVOKED)
             replacement = next((k.id for k in reversed(queries.keys_by_state(
                 session, purpose.value, [KeyState.PENDING])) if k.id != key_id), None)
-        needs_new = (state is KeyState.ACTIVE and replacement is None
+            awaiting = any(k.id != key_id for k in queries.keys_by_state(
+                session, purpose.value, [KeyState.AWAITING_CERTIFICATE]))
+        needs_new = (state is KeyState.ACTIVE and replacement is None and not awaiting
                      and purpose in self.settings.enabled_purposes())
         if needs_new and self.settings.keyd.mode is Mode.SANDBOX:
             replacement = self.create_key(purpose, actor=actor, activate=False).id
         failpoints.hit("before_revoke")
         with self.store.session("revoke key", write=True) as session:
-            queries.lock_lifecycle(session)
+            self._lock_lifecycle(session)
             key = self.find(session, key_id)
             lifecycle.check_transition(key.id, KeyState(key.state), KeyState.REVOKED)
             was_active = KeyState(key.state) is KeyState.ACTIVE
@@ -632,16 +812,52 @@ class KeyService:
             log.warning("revoked key %s stays in the backend until recovery: %s", key_id,
                         e.detail)
         if needs_new and self.settings.keyd.mode is Mode.PRODUCTION:
-            new_info = self.create_key(purpose, actor=actor, activate=False)
+            try:
+                new_info = self.create_key(purpose, actor=actor, activate=False)
+            except RotationUnderWay as e:
+                log.info("no new key after revoking %s: %s", key_id, e.detail)
         return info, new_info
 
     def backend_refs(self) -> tuple[set[str], dict[str, tuple[str, KeyState]]]:
         """(refs the backend holds, ref -> (key id, state) for every stored key)."""
+        held, known, _ = self.recovery_view()
+        return held, known
+
+    def recovery_view(
+        self,
+    ) -> tuple[set[str], dict[str, tuple[str, KeyState]], list[KeyIntent]]:
+        """(refs the backend holds, ref -> (key id, state), key intents).
+
+        Listed in this order on purpose: a ref the backend listed was generated
+        after its intent was claimed, and the intent is deleted in the
+        transaction that stores the key; reading intents before keys, each
+        such ref is seen under one or the other (never neither).
+        """
         held = set(self.backend.list_refs())
         with self.store.session("lifecycle read") as session:
+            intents = queries.all_intents(session)
             known = {k.backend_ref: (k.id, KeyState(k.state)) for k in queries.all_keys(session)
                      if k.backend == self.backend.capabilities.name}
-        return held, known
+        return held, known, intents
+
+    def abandon_intent(self, intent: KeyIntent, *, actor: str) -> bool:
+        """Erase an intent recovery judged dead, then the backend key it names.
+
+        The row goes first: the process that made it (if it still runs) then
+        fails to store its key and discards it, so nothing live is erased.
+        False when the intent was gone already (its key was stored meanwhile).
+        """
+        with self.store.session("erase a key intent", write=True) as session:
+            self._lock_lifecycle(session)
+            if not queries.drop_intent(session, intent.id):
+                return False
+            self.audit.record(AuditEvent(
+                actor=actor, action="key.intent.erase", purpose=intent.purpose,
+                detail={"id": intent.id, "replica": intent.replica,
+                        "ref": intent.backend_ref}))
+        if intent.backend_ref is not None:
+            self.backend.destroy(intent.backend_ref)
+        return True
 
     def _audit_simple(self, actor: str, action: str, info: KeyInfo,
                       detail: dict[str, object]) -> None:
@@ -687,7 +903,27 @@ class KeyService:
         return self._usable.get(kid)
 
     def jwks(self) -> tuple[bytes, str]:
-        """The public JWKS document and its content-derived ETag."""
+        """The public JWKS document and its content-derived ETag.
+
+        While the store is down the last good copy is served (SPEC: the JWKS
+        stays up), and the store is asked again only every STORE_RETRY
+        seconds, so an outage does not make every fetch wait out a timeout.
+        """
+        last = self._jwks_last_good
+        if last is not None and time.monotonic() < self._store_down_until:
+            return last
+        try:
+            document = self._current_jwks()
+        except StoreUnavailable as e:
+            if last is None:
+                raise
+            self._store_down_until = time.monotonic() + STORE_RETRY
+            log.warning("serving the last good JWKS: %s", e.detail)
+            return last
+        self._jwks_last_good = document
+        return document
+
+    def _current_jwks(self) -> tuple[bytes, str]:
         self._refresh()
         with self._lock:
             cached = self._jwks
@@ -823,24 +1059,67 @@ class KeyService:
     # ------------------------------------------------------------------ health
 
     def ready(self) -> dict[str, object]:
-        """Readiness: backend reachable, store reachable, an active key per purpose."""
-        checks: dict[str, object] = {}
+        """Readiness: backend reachable, store writable, an active key per purpose
+        and each of them present in the backend; and who this replica is."""
+        checks: dict[str, str] = {}
         try:
             self.backend.check()
             checks["backend"] = "ok"
         except KeydError as e:
             checks["backend"] = e.detail
         try:
-            self.store.ping()
+            self.store.ping(write=True)
+            checks["store"] = "ok"
+        except KeydError as e:
+            checks["store"] = e.detail
+        try:
             self._loaded_at = float("-inf")
             self._refresh()
             missing = [p.value for p in self.settings.enabled_purposes() if p not in self._active]
             checks["active_keys"] = "ok" if not missing else f"missing: {', '.join(missing)}"
         except KeydError as e:
-            checks["store"] = e.detail
-        checks.setdefault("store", "ok")
-        checks["ready"] = all(v == "ok" for v in checks.values())
-        return checks
+            checks["active_keys"] = e.detail
+        if checks["backend"] == "ok":
+            checks["active_keys_in_backend"] = self._active_keys_in_backend()
+        lease = self.lease.state() if self.lease is not None else None
+        return {
+            "ready": all(v == "ok" for v in checks.values()),
+            "replica": lease.replica if lease is not None else this_replica(),
+            "leader": lease.leader if lease is not None else False,
+            "lease_expires_at": None if lease is None else lease.to_json()["lease_expires_at"],
+            "epoch": None if lease is None else lease.epoch,
+            "checks": checks,
+        }
+
+    def _active_keys_in_backend(self) -> str:
+        """A key deleted from the backend behind keyd's back makes this replica
+        not ready at once (the leader's recovery alerts and replaces it)."""
+        lost = []
+        for key in list(self._active.values()):
+            try:
+                self.backend.public_key(key.ref)
+            except KeyNotFound:
+                lost.append(f"{key.purpose.value} key {key.kid}")
+            except KeydError as e:
+                return e.detail
+        return "ok" if not lost else f"missing from the backend: {', '.join(lost)}"
+
+    def replicas(self, within: timedelta) -> list[dict[str, object]]:
+        """The serving processes seen within ``within`` (newest first)."""
+        with self.store.session("replicas read") as session:
+            rows = queries.replicas_seen(session)
+            now = self.store.now(session.connection())
+        return [{"replica": r.replica, "leader": r.leader, "endpoint": r.endpoint,
+                 "started_at": _rfc3339(utc(r.started_at)),
+                 "seen_seconds_ago": round((now - utc(r.seen_at)).total_seconds(), 1)}
+                for r in rows if now - utc(r.seen_at) <= within]
+
+
+def _times(key: KeyVersion) -> lifecycle.KeyTimes:
+    return lifecycle.KeyTimes(
+        id=key.id, state=KeyState(key.state), created_at=utc(key.created_at),
+        publish_at=_maybe_utc(key.publish_at), activated_at=_maybe_utc(key.activated_at),
+        retired_at=_maybe_utc(key.retired_at), destroy_after=_maybe_utc(key.destroy_after))
 
 
 def _maybe_utc(when: datetime | None) -> datetime | None:

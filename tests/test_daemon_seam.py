@@ -163,7 +163,7 @@ def refused(answer: httpx.Response, status: int, error: str | None = None) -> di
 
 def audit_events(daemon: Daemon, action: str) -> list[dict[str, Any]]:
     out = keyd(daemon.config, "audit", "--action", action, "--json", "--limit", "10000").stdout
-    events: list[dict[str, Any]] = json.loads(out)  # `audit --json` is one JSON document
+    events: list[dict[str, Any]] = json.loads(out)  # one JSON document: a list of events
     return events
 
 

@@ -282,7 +282,7 @@ def assert_backend_down(daemon: Daemon, svc: httpx.Client) -> None:
         ready = anonymous.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["ready"] is False
-    assert "vault" in ready.json()["backend"]
+    assert "vault" in ready.json()["checks"]["backend"]
     with daemon.public() as public:
         jwks = public.get("/jwks")
     assert jwks.status_code == 200

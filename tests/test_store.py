@@ -21,7 +21,8 @@ from tests.fixtures.postgres import read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KL = timezone(timedelta(hours=8))  # Kuala Lumpur: an aware, non-UTC zone
-TABLES = {"key_versions", "certificates", "clients", "audit_events", "seen_jti", "alerts_sent"}
+TABLES = {"key_versions", "certificates", "clients", "audit_events", "seen_jti", "alerts_sent",
+          "key_intents", "leases", "replicas", "deployment"}
 
 
 def _key(purpose: str = "signing", state: KeyState = KeyState.ACTIVE, kid: str | None = None,
@@ -52,7 +53,7 @@ def test_migrate_twice_creates_every_table_and_changes_nothing_the_second_time(
         with store.engine.connect() as conn:
             assert TABLES <= set(inspect(conn).get_table_names())
             version = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        assert version == [("0001",)]
+        assert version == [("0004",)]
     finally:
         store.close()
 
@@ -102,8 +103,8 @@ def test_naive_datetime_is_refused_as_a_programming_error(store: Store) -> None:
 def test_a_kid_names_one_key_only_but_many_keys_may_have_none_yet(store: Store) -> None:
     with store.session() as s:
         s.add(_key(kid="same"))
-        s.add(_key(state=KeyState.AWAITING_CERTIFICATE))
-        s.add(_key(state=KeyState.AWAITING_CERTIFICATE))
+        s.add(_key(purpose="encryption", state=KeyState.AWAITING_CERTIFICATE))
+        s.add(_key(purpose="transport", state=KeyState.AWAITING_CERTIFICATE))
     with pytest.raises(Conflict, match="refused by the database"), store.session() as s:
         s.add(_key(kid="same"))
     with store.session() as s:
@@ -121,7 +122,9 @@ def test_hostile_kid_lookup_finds_nothing(store: Store) -> None:
 def test_keys_by_state_and_published_keys_follow_the_state(store: Store) -> None:
     with store.session() as s:
         for state in KeyState:
-            s.add(_key(state=state, kid=f"kid-{state.value}"))
+            # pending and awaiting_certificate share a purpose's one waiting slot
+            purpose = "transport" if state is KeyState.AWAITING_CERTIFICATE else "signing"
+            s.add(_key(purpose=purpose, state=state, kid=f"kid-{state.value}"))
         s.add(_key(purpose="encryption", state=KeyState.ACTIVE, kid="enc"))
     with store.session() as s:
         active = queries.keys_by_state(s, "signing", [KeyState.ACTIVE])

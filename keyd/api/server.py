@@ -10,6 +10,7 @@ socket reaches only the JWKS app, everything else the local API.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -70,9 +71,13 @@ def _bind_tcp(listen: Listen, what: str) -> socket.socket:
 def _bind_unix(path: Path) -> socket.socket:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
-        # A stale socket from an earlier run; refuse to remove anything else.
+        # A stale socket from an earlier run is removed; a live one (another
+        # keyd answers on it) or anything that is not a socket never is.
         if not path.is_socket():
             raise ConfigError(f"[api] socket: {path} exists and is not a socket")
+        if _socket_alive(path):
+            raise ConfigError(f"[api] socket: {path} is in use by a running process; "
+                              "not removed")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the socket is born 0600: only keyd's user connects
@@ -86,6 +91,41 @@ def _bind_unix(path: Path) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _socket_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # nobody listens: stale
+    except OSError:
+        return True  # e.g. a full backlog: someone listens
+    finally:
+        probe.close()
+    return True
+
+
+def lock_data_dir(settings: Settings) -> int:
+    """Hold ``<data_dir>/serve.lock`` for the daemon's life: one daemon per data_dir.
+
+    The kernel drops the lock when the process exits, however it exits; the
+    file keeps the holder's pid for the message a second daemon prints.
+    """
+    data_dir = settings.keyd.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"[keyd] data_dir {data_dir} is in use by keyd pid {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def bind_listeners(settings: Settings) -> tuple[list[socket.socket], dict[str, Any]]:
@@ -138,9 +178,15 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def serve(service: KeyService) -> None:
+Listeners = tuple[list[socket.socket], dict[str, Any]]
+
+
+def serve(service: KeyService, listeners: Listeners | None = None) -> None:
+    """Serve until a signal; ``listeners`` from bind_listeners() (bound here if None)."""
     settings = service.settings
-    sockets, endpoints = bind_listeners(settings)
+    sockets, endpoints = listeners if listeners is not None else bind_listeners(settings)
+    socket_inode = (settings.api.socket.stat().st_ino if settings.api.socket is not None
+                    else None)
     public_port = sockets[0].getsockname()[1]
     metrics = Metrics()
     app = ListenerRouter(
@@ -191,4 +237,13 @@ def serve(service: KeyService) -> None:
     finally:
         endpoints_file.unlink(missing_ok=True)
         if settings.api.socket is not None:
-            settings.api.socket.unlink(missing_ok=True)
+            _unlink_own_socket(settings.api.socket, socket_inode)
+
+
+def _unlink_own_socket(path: Path, inode: int | None) -> None:
+    """Remove the socket we bound, never one another process bound there since."""
+    try:
+        if path.stat().st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,28 @@ def _script_head(folder: Path) -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
+# A store outage stays local (one replica cut off must not stall the others):
+# - connect_timeout: fail closed fast when the server is down;
+# - TCP keepalives and tcp_user_timeout: a black-holed connection is declared
+#   dead in ~10 s instead of hanging a pooled connection for the whole outage;
+# - statement_timeout / lock_timeout: no statement or lock wait (the audit or
+#   lifecycle advisory locks included) outlasts them;
+# - idle_in_transaction_session_timeout, shorter than lock_timeout: the
+#   server ends the session of a replica that went quiet inside a
+#   transaction, releasing the locks it held (its transaction-level advisory
+#   locks die with it) before the replicas waiting on them give up.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+    "options": "-c statement_timeout=15000 -c lock_timeout=15000 "
+               "-c idle_in_transaction_session_timeout=5000",
+}
+
+
 class Store:
     """One database, reached through one engine (a pool of connections)."""
 
@@ -75,10 +98,15 @@ class Store:
         if self.dialect == "sqlite":
             self._engine = _sqlite_engine(parsed)
         else:
+            args = dict(PG_CONNECT_ARGS)
+            given = parsed.query.get("options")
+            if isinstance(given, str):  # the URL's own options come first
+                args["options"] = f"{given} {args['options']}"
+                parsed = parsed.difference_update_query(["options"])
             self._engine = create_engine(
                 parsed,
                 pool_pre_ping=True,  # a restarted server costs one retry, not an error
-                connect_args={"connect_timeout": 5},  # fail closed fast when it is down
+                connect_args=args,
             )
 
     def __repr__(self) -> str:
@@ -192,10 +220,35 @@ class Store:
             stack = self._local.stack = []
         return stack
 
-    def ping(self) -> None:
-        """Raises StoreUnavailable unless the database answers."""
-        with self.session("ping") as s:
-            s.connection().execute(text("SELECT 1"))
+    def file_path(self) -> Path | None:
+        """The SQLite database file (None for PostgreSQL or an in-memory database)."""
+        if self.dialect != "sqlite":
+            return None
+        database = self._url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return Path(database)
+
+    def now(self, conn: Connection) -> datetime:
+        """The database's clock: one clock for every replica on PostgreSQL.
+
+        (SQLite lives on one host, whose clock every process shares.)
+        """
+        if self.dialect == "postgresql":
+            value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            assert isinstance(value, datetime)
+            return value.astimezone(UTC)
+        return datetime.now(UTC)
+
+    def ping(self, *, write: bool = False) -> None:
+        """Raises StoreUnavailable unless the database answers (``write``: and
+        would take a write: a read-only or locked database fails it)."""
+        with self.session("ping", write=write) as s:
+            conn = s.connection()
+            conn.execute(text("SELECT 1"))
+            if write and self.dialect == "postgresql":
+                # Refused on a read-only transaction or a standby (hot standby).
+                conn.execute(text("SELECT txid_current()"))
 
     def close(self) -> None:
         self._engine.dispose()

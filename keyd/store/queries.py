@@ -5,15 +5,24 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from keyd.model import KeyState
-from keyd.store.tables import AlertSent, Certificate, Client, KeyVersion, SeenJti
+from keyd.store.tables import (
+    AlertSent,
+    Certificate,
+    Client,
+    DeploymentFact,
+    KeyIntent,
+    KeyVersion,
+    ReplicaSeen,
+    SeenJti,
+)
 
 # Longest kid or jti looked up or stored as given.  A hostile token can carry
 # a 10 KB kid; no stored kid is that long, and a long jti is kept as its hash.
@@ -230,3 +239,95 @@ def set_alert_sent(session: Session, subject: str, threshold: str, sent_at: date
     else:
         row.sent_at = sent_at
         session.add(row)
+
+
+def count_published(session: Session, purpose: str) -> int:
+    """How many key versions of `purpose` are in the JWKS (pending, active, retired)."""
+    states = [s.value for s in KeyState if s.published]
+    query = select(func.count()).select_from(KeyVersion).where(
+        KeyVersion.purpose == purpose, col(KeyVersion.state).in_(states))
+    return int(session.exec(query).one())
+
+
+# ------------------------------------------------------------------ key intents
+
+
+def intent_for(session: Session, purpose: str) -> KeyIntent | None:
+    return session.exec(select(KeyIntent).where(KeyIntent.purpose == purpose)).first()
+
+
+def claim_intent(session: Session, intent: KeyIntent) -> bool:
+    """Insert `intent` unless its purpose already has one; True when claimed."""
+    return _insert_if_absent_on(session, KeyIntent, intent.model_dump(), "purpose")
+
+
+def set_intent_ref(session: Session, intent_id: str, ref: str) -> bool:
+    """Record the backend's name for an intent's key; False when the intent is gone."""
+    result = session.exec(update(KeyIntent).where(col(KeyIntent.id) == intent_id)
+                          .values(backend_ref=ref))
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
+def drop_intent(session: Session, intent_id: str) -> bool:
+    """Delete an intent; False when it was already gone (recovery erased it)."""
+    result = session.exec(delete(KeyIntent).where(col(KeyIntent.id) == intent_id))
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
+def all_intents(session: Session) -> list[KeyIntent]:
+    return list(session.exec(select(KeyIntent).order_by(col(KeyIntent.created_at))).all())
+
+
+def _insert_if_absent_on(session: Session, table: Any, values: dict[str, Any],
+                         *index: str) -> bool:
+    """INSERT ... ON CONFLICT (index) DO NOTHING; True when a row was inserted."""
+    conn = session.connection()
+    insert: Any = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    pk = [c for c in table.__table__.primary_key.columns]
+    stmt = (insert(table).values(**values).on_conflict_do_nothing(index_elements=list(index))
+            .returning(*pk))
+    return conn.execute(stmt).first() is not None
+
+
+def claim_alert(session: Session, subject: str, threshold: str, now: datetime,
+                repeat: timedelta | None) -> tuple[bool, datetime | None]:
+    """Claim the sending of (subject, threshold) at ``now``: (claimed, previous sent_at).
+
+    The first time is an INSERT ... ON CONFLICT DO NOTHING; a repeat is a
+    compare-and-set on the stored time, so two processes never both win.
+    """
+    if _insert_if_absent(session, AlertSent,
+                         {"subject": subject, "threshold": threshold, "sent_at": now}):
+        return True, None
+    previous = alert_sent_at(session, subject, threshold)
+    if repeat is None or previous is None or previous + repeat > now:
+        return False, previous
+    result = session.exec(
+        update(AlertSent)
+        .where(col(AlertSent.subject) == subject, col(AlertSent.threshold) == threshold,
+               col(AlertSent.sent_at) == previous)
+        .values(sent_at=now))
+    return int(getattr(result, "rowcount", 0) or 0) == 1, previous
+
+
+def release_alert(session: Session, subject: str, threshold: str, claimed_at: datetime,
+                  previous: datetime | None) -> None:
+    """Undo our claim (every channel failed), unless another process claimed since."""
+    mine = (col(AlertSent.subject) == subject, col(AlertSent.threshold) == threshold,
+            col(AlertSent.sent_at) == claimed_at)
+    if previous is None:
+        session.exec(delete(AlertSent).where(*mine))
+    else:
+        session.exec(update(AlertSent).where(*mine).values(sent_at=previous))
+
+
+def replicas_seen(session: Session) -> list[ReplicaSeen]:
+    return list(session.exec(select(ReplicaSeen).order_by(col(ReplicaSeen.seen_at).desc())).all())
+
+
+def deployment_fact(session: Session, name: str, value: str) -> str:
+    """The stored value of fact ``name``, recording ``value`` if there is none yet."""
+    _insert_if_absent(session, DeploymentFact, {"name": name, "value": value})
+    row = session.get(DeploymentFact, name)
+    assert row is not None
+    return row.value

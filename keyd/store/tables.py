@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlalchemy import DateTime, Dialect, Index, Text
+from sqlalchemy import DateTime, Dialect, Index, Text, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -47,9 +47,22 @@ def new_key_id() -> str:
     return "kv_" + secrets.token_hex(8)
 
 
+# The states that share a purpose's one "next key" slot (migration 0002).
+WAITING_STATES_SQL = "state IN ('pending', 'awaiting_certificate')"
+ACTIVE_STATE_SQL = "state = 'active'"
+
+
 class KeyVersion(SQLModel, table=True):
     __tablename__ = "key_versions"
-    __table_args__ = (Index("ix_key_versions_purpose_state", "purpose", "state"),)
+    __table_args__ = (
+        Index("ix_key_versions_purpose_state", "purpose", "state"),
+        # At most one active and one waiting key per purpose, whatever number
+        # of processes rotate at once: the database refuses the second row.
+        Index("ux_key_versions_one_waiting", "purpose", unique=True,
+              sqlite_where=text(WAITING_STATES_SQL), postgresql_where=text(WAITING_STATES_SQL)),
+        Index("ux_key_versions_one_active", "purpose", unique=True,
+              sqlite_where=text(ACTIVE_STATE_SQL), postgresql_where=text(ACTIVE_STATE_SQL)),
+    )
 
     id: str = Field(default_factory=new_key_id, primary_key=True)
     purpose: str  # keyd.model.Purpose value
@@ -69,6 +82,24 @@ class KeyVersion(SQLModel, table=True):
     revoked_reason: str | None = Field(default=None, sa_type=Text)
     public_key_pem: str = Field(sa_type=Text)
     csr_pem: str | None = Field(default=None, sa_type=Text)
+
+
+class KeyIntent(SQLModel, table=True):
+    """A key about to be made: recorded (claimed) before the backend creates it.
+
+    One per purpose, so the claim is also the rotation lock.  Its row is
+    deleted in the transaction that stores the key version; an intent left
+    behind by a crash is erased by the leader's recovery after a grace period,
+    with the backend key it names.
+    """
+
+    __tablename__ = "key_intents"
+
+    id: str = Field(primary_key=True)  # the id the key version will have
+    purpose: str = Field(unique=True)
+    backend_ref: str | None = Field(default=None)  # known once the backend made it
+    replica: str  # which process made the claim
+    created_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class Certificate(SQLModel, table=True):
@@ -137,3 +168,38 @@ class AlertSent(SQLModel, table=True):
     threshold: str = Field(primary_key=True)
     sent_at: datetime = Field(sa_type=UTCDateTime)
 
+
+
+class Lease(SQLModel, table=True):
+    """A lease among the processes sharing the store (``leader``: who runs the
+    scheduler).  Each new holder raises the epoch; lifecycle writes made for
+    the leader check it, so a leader that lost its lease changes nothing."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True)
+    epoch: int
+    holder: str  # replica name
+    acquired_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)  # by the database's clock
+
+
+class ReplicaSeen(SQLModel, table=True):
+    """Each serving process, refreshed every lease tick (`keyd status` lists them)."""
+
+    __tablename__ = "replicas"
+
+    replica: str = Field(primary_key=True)
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    seen_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    leader: bool = False
+    endpoint: str | None = Field(default=None)
+
+
+class DeploymentFact(SQLModel, table=True):
+    """Facts fixed when the store was first used: its id, its backend's identity."""
+
+    __tablename__ = "deployment"
+
+    name: str = Field(primary_key=True)
+    value: str

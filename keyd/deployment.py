@@ -1,0 +1,74 @@
+"""Deployment guards: a store serves one backend, and says so.
+
+The first process to use a store records its id and the backend's identity
+(kind, and the Vault mount and key prefix, the HSM token label, or the local
+master key's fingerprint).  A replica configured with another backend would
+see every stored key as "lost" and revoke it; it refuses to start instead,
+with one line naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+
+from keyd.clock import Clock
+from keyd.config import Settings
+from keyd.errors import ConfigError
+from keyd.store import queries
+from keyd.store.db import Store
+
+
+def backend_identity(settings: Settings) -> str | None:
+    """What names this deployment's keys; None when it cannot be known yet
+    (a local backend whose master key does not exist before `keyd init`)."""
+    backend = settings.backend
+    if backend.kind == "vault":
+        v = backend.vault
+        namespace = f" namespace {v.namespace!r}" if v.namespace else ""
+        return f"vault mount {v.mount!r} key_prefix {v.key_prefix!r}{namespace}"
+    if backend.kind == "pkcs11":
+        return f"pkcs11 token {backend.pkcs11.token_label!r}"
+    from keyd.backends.local import resolve_master_key
+
+    key = resolve_master_key(settings)
+    if key is None:
+        return None
+    # A fingerprint, never the key: a domain-separated hash, cut short.
+    fingerprint = hashlib.sha256(b"keyd master key fingerprint\0" + key).hexdigest()[:16]
+    return f"local master key {fingerprint}"
+
+
+def check(store: Store, settings: Settings) -> str:
+    """Record (first use) or compare the backend identity; returns the store id."""
+    identity = backend_identity(settings)
+    with store.session("deployment identity", write=True) as session:
+        store_id = queries.deployment_fact(session, "store_id", str(uuid.uuid4()))
+        if identity is None:
+            return store_id
+        recorded = queries.deployment_fact(session, "backend", identity)
+    if recorded != identity:
+        raise ConfigError(f"store {store_id} holds the keys of {recorded}, but this "
+                          f"replica's backend is {identity}: refusing to start")
+    return store_id
+
+
+# Lifecycle timestamps come from each replica's clock (injected, see clock.py);
+# a replica whose clock is this far from the database's refuses to start, so
+# no two replicas disagree by more about what is due.
+MAX_CLOCK_SKEW = timedelta(seconds=5)
+
+
+def check_clock(store: Store, clock: Clock) -> None:
+    """Refuse a replica whose clock is more than MAX_CLOCK_SKEW off the database's."""
+    with store.session("clock check") as session:
+        before = clock.now()
+        db_now = store.now(session.connection())
+        after = clock.now()
+    local = before + (after - before) / 2
+    skew = abs((local - db_now).total_seconds())
+    if skew > MAX_CLOCK_SKEW.total_seconds():
+        raise ConfigError(
+            f"this host's clock is {skew:.1f}s off the database's (at most "
+            f"{MAX_CLOCK_SKEW.total_seconds():.0f}s allowed): fix its time sync (NTP)")

@@ -1,0 +1,316 @@
+"""One leader among the processes sharing a store: the lease.
+
+The leader runs the scheduler, recovery, alerts and transport deployment;
+every process serves the JWKS and the local API.  Holding the lease takes
+two things:
+
+- a lock that the holder's death releases by itself: on PostgreSQL a
+  *session* advisory lock on a connection the lease keeps open (a killed
+  process's connection closes, the server drops the lock at once); on SQLite
+  ``flock`` on a file beside the database (the kernel drops it at exit);
+- the ``leases`` row: ``epoch`` goes up by one for every new holder and
+  ``expires_at`` (the database's clock) moves forward on every renewal.
+
+A holder that stops renewing (hung, or cut off from PostgreSQL with its
+connection still open on the server) keeps the advisory lock but not the
+row: once ``expires_at`` has passed, a candidate terminates the holder's
+database session and takes over.  The old holder stops calling itself leader
+``length`` after its last renewal began (before the row can expire), and
+every lifecycle write made for the leader checks the epoch and expiry under
+a row lock (``fence``), so a late write from a lost leader is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col
+
+from keyd.errors import KeydError, LeaseLost
+from keyd.replica import this_replica
+from keyd.store.db import Store
+from keyd.store.tables import Lease as LeaseRow
+from keyd.store.tables import ReplicaSeen
+
+log = logging.getLogger("keyd.lease")
+
+LEADER = "leader"
+# pg_advisory_lock key: "keydlead".  As (classid, objid) in pg_locks: the two halves.
+_LOCK_KEY = 0x6B657964_6C656164
+_LOCK_HI, _LOCK_LO = _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFFFFFF
+# Share of the lease length the holder trusts its own renewal for (clock rates differ a little).
+_TRUST = 0.9
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    replica: str
+    leader: bool
+    epoch: int | None
+    expires_at: datetime | None  # the row's expiry when we last held it
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "replica": self.replica, "leader": self.leader, "epoch": self.epoch,
+            "lease_expires_at": None if self.expires_at is None
+            else self.expires_at.isoformat().replace("+00:00", "Z"),
+        }
+
+
+class Lease:
+    def __init__(self, store: Store, length: timedelta, *, replica: str | None = None,
+                 endpoint: str | None = None) -> None:
+        self.store = store
+        self.length = length
+        self.replica = replica or this_replica()
+        self.endpoint = endpoint
+        self.on_change: Callable[[bool], None] | None = None
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None  # PostgreSQL: holds the session advisory lock
+        self._fd: int | None = None  # SQLite: holds the flock
+        self._epoch: int | None = None
+        self._expires_at: datetime | None = None
+        self._valid_until = float("-inf")  # time.monotonic() bound of our leadership
+        self._started_at: datetime | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def is_leader(self) -> bool:
+        return self._epoch is not None and time.monotonic() < self._valid_until
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch if self.is_leader() else None
+
+    def state(self) -> LeaseState:
+        leader = self.is_leader()
+        return LeaseState(self.replica, leader, self._epoch if leader else None,
+                          self._expires_at if leader else None)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Renew (or try to take) the lease every third of its length, in a thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="keyd-lease", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and hand the lease back at once (a clean exit)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            was = self.is_leader()
+            if was:
+                try:
+                    self._give_back()
+                except (SQLAlchemyError, KeydError) as e:
+                    log.warning("lease not handed back (it expires by itself): %s", e)
+            self._drop()
+        if was:
+            self._changed(False)
+
+    def _run(self) -> None:
+        interval = self.length.total_seconds() / 3
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(interval)
+
+    def tick(self) -> bool:
+        """One round: renew when leading, else try to take the lease; then say we
+        are alive in ``replicas``.  True when this process leads afterwards."""
+        with self._lock:
+            was = self.is_leader()
+            try:
+                if self._epoch is not None and was:
+                    self._renew()
+                else:
+                    self._drop()
+                    self._acquire()
+            except (SQLAlchemyError, OSError, KeydError) as e:
+                log.warning("lease %s: %s", "renewal" if was else "attempt", e)
+                self._drop()
+            leader = self.is_leader()
+        if leader != was:
+            log.info("replica %s %s (epoch %s)", self.replica,
+                     "is the leader" if leader else "is no longer the leader", self._epoch)
+            self._changed(leader)
+        self._heartbeat(leader)
+        return leader
+
+    def _changed(self, leader: bool) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(leader)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the lease
+                log.exception("lease change listener failed")
+
+    # ------------------------------------------------------------------ fencing
+
+    def fence(self, session: Session) -> None:
+        """Refuse (LeaseLost) unless this process still holds the lease, checked
+        inside ``session``'s transaction under a share lock on the lease row, so
+        a new holder's epoch bump waits for this transaction or refuses it."""
+        epoch = self._epoch
+        conn = session.connection()
+        row = conn.execute(
+            select(col(LeaseRow.epoch), col(LeaseRow.holder), col(LeaseRow.expires_at))
+            .where(col(LeaseRow.name) == LEADER).with_for_update(read=True)
+        ).first()
+        now = self.store.now(conn)
+        if (epoch is None or row is None or row.epoch != epoch or row.holder != self.replica
+                or row.expires_at <= now):
+            holder = "nobody" if row is None else f"{row.holder} (epoch {row.epoch})"
+            raise LeaseLost(f"replica {self.replica} no longer leads (epoch {epoch}); the "
+                            f"lease is held by {holder}")
+
+    # ------------------------------------------------------------------ PostgreSQL / SQLite
+
+    def _acquire(self) -> None:
+        if self.store.dialect == "postgresql":
+            conn = self._connection()
+            if not self._pg_try_lock(conn) and self._pg_take_expired(conn):
+                self._pg_try_lock(conn)
+            if not self._held:
+                return
+        else:
+            path = self.store.file_path()
+            if path is not None:
+                fd = os.open(f"{path}.leader", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return
+                self._fd = fd
+        self._bump()
+
+    _held = False
+
+    def _pg_try_lock(self, conn: Connection) -> bool:
+        with conn.begin():
+            self._held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                           {"k": _LOCK_KEY}).scalar_one())
+        return self._held
+
+    def _pg_take_expired(self, conn: Connection) -> bool:
+        """End the session of a holder whose lease row expired; True when one was ended."""
+        with conn.begin():
+            row = conn.execute(select(col(LeaseRow.holder), col(LeaseRow.expires_at))
+                               .where(col(LeaseRow.name) == LEADER)).first()
+            if row is None or row.expires_at > self.store.now(conn):
+                return False
+            pid = conn.execute(text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :hi "
+                "AND objid = :lo AND objsubid = 1 AND granted"),
+                {"hi": _LOCK_HI, "lo": _LOCK_LO}).scalar()
+            if pid is None:
+                return True  # released meanwhile: try again
+            log.warning("lease held by %s expired at %s: ending its database session",
+                        row.holder, row.expires_at.isoformat())
+            conn.execute(text("SELECT pg_terminate_backend(:pid, 2000)"), {"pid": pid})
+        return True
+
+    def _bump(self) -> None:
+        """We hold the lock: take the row with the next epoch."""
+        started = time.monotonic()
+        with self._session() as conn:
+            now = self.store.now(conn)
+            row = conn.execute(select(col(LeaseRow.epoch))
+                               .where(col(LeaseRow.name) == LEADER).with_for_update()).first()
+            epoch = 1 if row is None else int(row.epoch) + 1
+            values = {"epoch": epoch, "holder": self.replica, "acquired_at": now,
+                      "expires_at": now + self.length}
+            if row is None:
+                conn.execute(insert(LeaseRow).values(name=LEADER, **values))
+            else:
+                conn.execute(update(LeaseRow).where(col(LeaseRow.name) == LEADER)
+                             .values(**values))
+        self._epoch, self._expires_at = epoch, now + self.length
+        self._valid_until = started + _TRUST * self.length.total_seconds()
+
+    def _renew(self) -> None:
+        started = time.monotonic()
+        with self._session() as conn:
+            now = self.store.now(conn)
+            result = conn.execute(
+                update(LeaseRow)
+                .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
+                       col(LeaseRow.holder) == self.replica)
+                .values(expires_at=now + self.length))
+        if result.rowcount != 1:
+            raise LeaseLost(f"lease epoch {self._epoch} was taken over")
+        self._expires_at = now + self.length
+        self._valid_until = started + _TRUST * self.length.total_seconds()
+
+    def _give_back(self) -> None:
+        with self._session() as conn:
+            conn.execute(
+                update(LeaseRow)
+                .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
+                       col(LeaseRow.holder) == self.replica)
+                .values(expires_at=self.store.now(conn)))
+
+    @contextmanager
+    def _session(self) -> Iterator[Connection]:
+        """One transaction: on the lease's own connection (PostgreSQL), else a
+        write session (SQLite: BEGIN IMMEDIATE)."""
+        if self.store.dialect == "postgresql":
+            conn = self._connection()
+            with conn.begin():
+                yield conn
+        else:
+            with self.store.session("lease", write=True) as session:
+                yield session.connection()
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.store.connect(write=True)
+        return self._conn
+
+    def _drop(self) -> None:
+        """Forget the lease; closing its connection or file releases the lock."""
+        self._epoch, self._expires_at, self._valid_until = None, None, float("-inf")
+        self._held = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()  # never back to the pool with the lock held
+                conn.close()
+            except SQLAlchemyError:
+                pass
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ replicas
+
+    def _heartbeat(self, leader: bool) -> None:
+        try:
+            with self.store.session("replica heartbeat", write=True) as session:
+                conn = session.connection()
+                now = self.store.now(conn)
+                if self._started_at is None:
+                    self._started_at = now
+                conn.execute(delete(ReplicaSeen).where(col(ReplicaSeen.replica) == self.replica))
+                conn.execute(insert(ReplicaSeen).values(
+                    replica=self.replica, started_at=self._started_at, seen_at=now,
+                    leader=leader, endpoint=self.endpoint))
+                # Forget replicas gone for a day: `keyd status` shows the recent ones.
+                conn.execute(delete(ReplicaSeen).where(
+                    col(ReplicaSeen.seen_at) < now - timedelta(days=1)))
+        except KeydError as e:
+            log.warning("replica heartbeat not recorded: %s", e.detail)
