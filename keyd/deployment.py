@@ -55,20 +55,33 @@ def check(store: Store, settings: Settings) -> str:
 
 
 # Lifecycle timestamps come from each replica's clock (injected, see clock.py);
-# a replica whose clock is this far from the database's refuses to start, so
-# no two replicas disagree by more about what is due.
+# a replica whose clock is this far from the database's refuses to start, and
+# one that drifts this far while running stops leading and refuses lifecycle
+# writes until its clock is back (the lease checks on every tick), so no two
+# replicas disagree by more about what is due.
 MAX_CLOCK_SKEW = timedelta(seconds=5)
 
 
-def check_clock(store: Store, clock: Clock) -> None:
-    """Refuse a replica whose clock is more than MAX_CLOCK_SKEW off the database's."""
+def clock_skew(store: Store, clock: Clock) -> float:
+    """Seconds between ``clock`` and the database's clock (absolute)."""
     with store.session("clock check") as session:
         before = clock.now()
         db_now = store.now(session.connection())
         after = clock.now()
     local = before + (after - before) / 2
-    skew = abs((local - db_now).total_seconds())
-    if skew > MAX_CLOCK_SKEW.total_seconds():
-        raise ConfigError(
-            f"this host's clock is {skew:.1f}s off the database's (at most "
+    return abs((local - db_now).total_seconds())
+
+
+def skew_error(skew: float) -> str | None:
+    """Why a clock ``skew`` seconds off the database's is refused; None when fine."""
+    if skew <= MAX_CLOCK_SKEW.total_seconds():
+        return None
+    return (f"this host's clock is {skew:.1f}s off the database's (at most "
             f"{MAX_CLOCK_SKEW.total_seconds():.0f}s allowed): fix its time sync (NTP)")
+
+
+def check_clock(store: Store, clock: Clock) -> None:
+    """Refuse a replica whose clock is more than MAX_CLOCK_SKEW off the database's."""
+    error = skew_error(clock_skew(store, clock))
+    if error is not None:
+        raise ConfigError(error)

@@ -18,6 +18,11 @@ database session and takes over.  The old holder stops calling itself leader
 ``length`` after its last renewal began (before the row can expire), and
 every lifecycle write made for the leader checks the epoch and expiry under
 a row lock (``fence``), so a late write from a lost leader is refused.
+
+Every tick also compares this host's clock with the database's: a replica
+that drifted more than ``deployment.MAX_CLOCK_SKEW`` hands the lease back (or
+does not take it), says so in its log and ``/readyz``, and refuses lifecycle
+writes (``clock_error``) until its clock is back.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
+from keyd import deployment
+from keyd.clock import Clock, SystemClock
 from keyd.errors import KeydError, LeaseLost
 from keyd.replica import this_replica
 from keyd.store.db import Store
@@ -69,8 +76,11 @@ class LeaseState:
 
 class Lease:
     def __init__(self, store: Store, length: timedelta, *, replica: str | None = None,
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, clock: Clock | None = None) -> None:
         self.store = store
+        self.clock: Clock = clock or SystemClock()
+        # Why this replica's clock is refused (too far off the database's), or None.
+        self.clock_error: str | None = None
         self.length = length
         self.replica = replica or this_replica()
         self.endpoint = endpoint
@@ -131,11 +141,17 @@ class Lease:
 
     def tick(self) -> bool:
         """One round: renew when leading, else try to take the lease; then say we
-        are alive in ``replicas``.  True when this process leads afterwards."""
+        are alive in ``replicas``.  True when this process leads afterwards.
+        A replica whose clock is off the database's gives the lease back."""
+        skewed = self._check_clock()
         with self._lock:
             was = self.is_leader()
             try:
-                if self._epoch is not None and was:
+                if skewed:
+                    if was:
+                        self._give_back()
+                    self._drop()
+                elif self._epoch is not None and was:
                     self._renew()
                 else:
                     self._drop()
@@ -150,6 +166,24 @@ class Lease:
             self._changed(leader)
         self._heartbeat(leader)
         return leader
+
+    def _check_clock(self) -> bool:
+        """Measure this host's clock against the database's; True when refused.
+        A store that cannot be reached leaves the last verdict as it was."""
+        try:
+            error = deployment.skew_error(deployment.clock_skew(self.store, self.clock))
+        except (SQLAlchemyError, KeydError) as e:
+            log.warning("clock check: %s", getattr(e, "detail", e))
+            return self.clock_error is not None
+        if (error is None) != (self.clock_error is None):  # say so once per change
+            if error is not None:
+                log.error("replica %s: %s; it does not lead and refuses lifecycle writes "
+                          "until then", self.replica, error)
+            else:
+                log.warning("replica %s: clock back within %.0fs of the database's",
+                            self.replica, deployment.MAX_CLOCK_SKEW.total_seconds())
+        self.clock_error = error
+        return error is not None
 
     def _changed(self, leader: bool) -> None:
         if self.on_change is not None:

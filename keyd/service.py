@@ -33,6 +33,7 @@ from keyd.config import Settings
 from keyd.errors import (
     BadRequest,
     CertificateError,
+    ClockSkewed,
     Conflict,
     KeydError,
     KeyNotFound,
@@ -255,6 +256,10 @@ class KeyService:
             self._fencing.check = None
 
     def _lock_lifecycle(self, session: Session) -> None:
+        lease = self.lease
+        if lease is not None and lease.clock_error is not None:
+            raise ClockSkewed(f"replica {lease.replica} makes no lifecycle writes: "
+                              f"{lease.clock_error}")
         queries.lock_lifecycle(session)
         check: Callable[[Session], None] | None = getattr(self._fencing, "check", None)
         if check is not None:
@@ -1037,6 +1042,8 @@ class KeyService:
             checks["active_keys"] = e.detail
         if checks["backend"] == "ok":
             checks["active_keys_in_backend"] = self._active_keys_in_backend()
+        if self.lease is not None:
+            checks["clock"] = self.lease.clock_error or "ok"
         lease = self.lease.state() if self.lease is not None else None
         return {
             "ready": all(v == "ok" for v in checks.values()),
