@@ -43,7 +43,7 @@ from sqlmodel import Session, col
 
 from keyd import deployment
 from keyd.clock import Clock, SystemClock
-from keyd.errors import KeydError, LeaseLost
+from keyd.errors import ClockSkewed, KeydError, LeaseLost
 from keyd.replica import this_replica
 from keyd.store.db import Store
 from keyd.store.tables import Lease as LeaseRow
@@ -143,15 +143,10 @@ class Lease:
         """One round: renew when leading, else try to take the lease; then say we
         are alive in ``replicas``.  True when this process leads afterwards.
         A replica whose clock is off the database's gives the lease back."""
-        skewed = self._check_clock()
         with self._lock:
             was = self.is_leader()
             try:
-                if skewed:
-                    if was:
-                        self._give_back()
-                    self._drop()
-                elif self._epoch is not None and was:
+                if self._epoch is not None and was:
                     self._renew()
                 else:
                     self._drop()
@@ -167,14 +162,14 @@ class Lease:
         self._heartbeat(leader)
         return leader
 
-    def _check_clock(self) -> bool:
-        """Measure this host's clock against the database's; True when refused.
-        A store that cannot be reached leaves the last verdict as it was."""
-        try:
-            error = deployment.skew_error(deployment.clock_skew(self.store, self.clock))
-        except (SQLAlchemyError, KeydError) as e:
-            log.warning("clock check: %s", getattr(e, "detail", e))
-            return self.clock_error is not None
+    def _database_now(self, conn: Connection) -> datetime:
+        """The database's clock, and this host's clock judged against it: a
+        replica more than MAX_CLOCK_SKEW off is refused (``clock_error``)."""
+        before = self.clock.now()
+        now = self.store.now(conn)
+        after = self.clock.now()
+        skew = abs((before + (after - before) / 2 - now).total_seconds())
+        error = deployment.skew_error(skew)
         if (error is None) != (self.clock_error is None):  # say so once per change
             if error is not None:
                 log.error("replica %s: %s; it does not lead and refuses lifecycle writes "
@@ -183,7 +178,7 @@ class Lease:
                 log.warning("replica %s: clock back within %.0fs of the database's",
                             self.replica, deployment.MAX_CLOCK_SKEW.total_seconds())
         self.clock_error = error
-        return error is not None
+        return now
 
     def _changed(self, leader: bool) -> None:
         if self.on_change is not None:
@@ -262,7 +257,9 @@ class Lease:
         """We hold the lock: take the row with the next epoch."""
         started = time.monotonic()
         with self._session() as conn:
-            now = self.store.now(conn)
+            now = self._database_now(conn)
+            if self.clock_error is not None:
+                raise ClockSkewed(f"not taking the lease: {self.clock_error}")
             row = conn.execute(select(col(LeaseRow.epoch))
                                .where(col(LeaseRow.name) == LEADER).with_for_update()).first()
             epoch = 1 if row is None else int(row.epoch) + 1
@@ -279,12 +276,16 @@ class Lease:
     def _renew(self) -> None:
         started = time.monotonic()
         with self._session() as conn:
-            now = self.store.now(conn)
+            now = self._database_now(conn)
+            skewed = self.clock_error is not None
             result = conn.execute(
                 update(LeaseRow)
                 .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
                        col(LeaseRow.holder) == self.replica)
-                .values(expires_at=now + self.length))
+                # A skewed clock hands the lease back: another replica takes it at once.
+                .values(expires_at=now if skewed else now + self.length))
+        if skewed:
+            raise ClockSkewed(f"handing the lease back: {self.clock_error}")
         if result.rowcount != 1:
             raise LeaseLost(f"lease epoch {self._epoch} was taken over")
         self._expires_at = now + self.length
@@ -336,7 +337,7 @@ class Lease:
         try:
             with self.store.session("replica heartbeat", write=True) as session:
                 conn = session.connection()
-                now = self.store.now(conn)
+                now = self._database_now(conn)
                 if self._started_at is None:
                     self._started_at = now
                 conn.execute(delete(ReplicaSeen).where(col(ReplicaSeen.replica) == self.replica))
