@@ -4,7 +4,9 @@ The first process to use a store records its id and the backend's identity
 (kind, and the Vault mount and key prefix, the HSM token label, or the local
 master key's fingerprint).  A replica configured with another backend would
 see every stored key as "lost" and revoke it; it refuses to start instead,
-with one line naming both.
+with one line naming both.  The other way round, a shared backend (Vault
+or OpenBao) carries the id of the store that owns its keys, and a second
+store pointed at the same mount and ``key_prefix`` refuses to start too.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import hashlib
 import uuid
 from datetime import timedelta
 
+from keyd.backends.base import Backend, ClaimsStore
 from keyd.clock import Clock
 from keyd.config import Settings
-from keyd.errors import ConfigError
+from keyd.errors import BackendUnavailable, ConfigError
 from keyd.store import queries
 from keyd.store.db import Store
 
@@ -52,6 +55,22 @@ def check(store: Store, settings: Settings) -> str:
         raise ConfigError(f"store {store_id} holds the keys of {recorded}, but this "
                           f"replica's backend is {identity}: refusing to start")
     return store_id
+
+
+def claim_backend(backend: Backend, store_id: str, *, required: bool) -> bool:
+    """Mark a shared backend (Vault/OpenBao) as this store's, or refuse (ConfigError
+    naming both stores) when another store owns it: a second store on one
+    ``key_prefix`` would erase the first one's keys as orphans.  False when the
+    backend is down and not ``required`` (checked again before recovery)."""
+    if not isinstance(backend, ClaimsStore):
+        return True
+    try:
+        backend.claim_store(store_id)
+    except BackendUnavailable:
+        if required:
+            raise
+        return False
+    return True
 
 
 # Lifecycle timestamps come from each replica's clock (injected, see clock.py);

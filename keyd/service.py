@@ -165,6 +165,9 @@ class KeyService:
         self._jwks_last_good: tuple[bytes, str] | None = None
         self._store_down_until = float("-inf")
         self.lease: Lease | None = None  # set by `keyd serve`
+        # The store's id, until the backend carries its mark (deployment.claim_backend);
+        # None once it does, or when nobody asked.
+        self._unclaimed_store: str | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -176,13 +179,29 @@ class KeyService:
         store = Store(settings.store.url)
         try:
             store.migrate()
-            deployment.check(store, settings)
+            store_id = deployment.check(store, settings)
             backend = open_backend(settings, require_up=require_backend)
         except BaseException:
             store.close()
             raise
+        try:
+            claimed = deployment.claim_backend(backend, store_id, required=require_backend)
+        except BaseException:
+            backend.close()
+            store.close()
+            raise
         clock = clock or SystemClock()
-        return cls(settings, store, backend, AuditLog(store, clock), clock)
+        service = cls(settings, store, backend, AuditLog(store, clock), clock)
+        service._unclaimed_store = None if claimed else store_id
+        return service
+
+    def claim_backend(self) -> None:
+        """The backend's owner mark, if it could not be checked at start-up (an
+        outage): before recovery lists the backend's keys as orphans."""
+        store_id = self._unclaimed_store
+        if store_id is not None:
+            deployment.claim_backend(self.backend, store_id, required=True)
+            self._unclaimed_store = None
 
     def close(self) -> None:
         for issuer in self.issuers.values():
@@ -828,6 +847,7 @@ class KeyService:
         transaction that stores the key; reading intents before keys, each
         such ref is seen under one or the other (never neither).
         """
+        self.claim_backend()  # never erase keys that belong to another store
         held = set(self.backend.list_refs())
         with self.store.session("lifecycle read") as session:
             intents = queries.all_intents(session)
