@@ -174,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except BackendUnavailable as e:
             # Keys already exist (or cannot be made now): serve what the store has.
             logging.getLogger("keyd").warning("init skipped: %s", e.detail)
-        lease = Lease(service.store, settings.scheduler.lease,
+        lease = Lease(service.store, settings.scheduler.lease, clock=service.clock,
                       endpoint=listeners[1].get("api") or listeners[1].get("socket"))
         service.lease = lease
         jobs = Jobs(service)

@@ -57,6 +57,14 @@ class LeaseLost(Conflict):
     code = "lease_lost"
 
 
+class ClockSkewed(KeydError):
+    """This replica's clock drifted too far from the database's: it makes no
+    lifecycle writes (and does not lead) until its time sync is fixed."""
+
+    code = "clock_skewed"
+    status = 503
+
+
 class RequestTimeout(KeydError):
     """The client took too long to send its request (a slow-connection guard)."""
 

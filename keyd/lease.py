@@ -18,6 +18,11 @@ database session and takes over.  The old holder stops calling itself leader
 ``length`` after its last renewal began (before the row can expire), and
 every lifecycle write made for the leader checks the epoch and expiry under
 a row lock (``fence``), so a late write from a lost leader is refused.
+
+Every tick also compares this host's clock with the database's: a replica
+that drifted more than ``deployment.MAX_CLOCK_SKEW`` hands the lease back (or
+does not take it), says so in its log and ``/readyz``, and refuses lifecycle
+writes (``clock_error``) until its clock is back.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from keyd.errors import KeydError, LeaseLost
+from keyd import deployment
+from keyd.clock import Clock, SystemClock
+from keyd.errors import ClockSkewed, KeydError, LeaseLost
 from keyd.replica import this_replica
 from keyd.store.db import Store
 from keyd.store.tables import Lease as LeaseRow
@@ -69,8 +76,11 @@ class LeaseState:
 
 class Lease:
     def __init__(self, store: Store, length: timedelta, *, replica: str | None = None,
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, clock: Clock | None = None) -> None:
         self.store = store
+        self.clock: Clock = clock or SystemClock()
+        # Why this replica's clock is refused (too far off the database's), or None.
+        self.clock_error: str | None = None
         self.length = length
         self.replica = replica or this_replica()
         self.endpoint = endpoint
@@ -131,7 +141,8 @@ class Lease:
 
     def tick(self) -> bool:
         """One round: renew when leading, else try to take the lease; then say we
-        are alive in ``replicas``.  True when this process leads afterwards."""
+        are alive in ``replicas``.  True when this process leads afterwards.
+        A replica whose clock is off the database's gives the lease back."""
         with self._lock:
             was = self.is_leader()
             try:
@@ -150,6 +161,24 @@ class Lease:
             self._changed(leader)
         self._heartbeat(leader)
         return leader
+
+    def _database_now(self, conn: Connection) -> datetime:
+        """The database's clock, and this host's clock judged against it: a
+        replica more than MAX_CLOCK_SKEW off is refused (``clock_error``)."""
+        before = self.clock.now()
+        now = self.store.now(conn)
+        after = self.clock.now()
+        skew = abs((before + (after - before) / 2 - now).total_seconds())
+        error = deployment.skew_error(skew)
+        if (error is None) != (self.clock_error is None):  # say so once per change
+            if error is not None:
+                log.error("replica %s: %s; it does not lead and refuses lifecycle writes "
+                          "until then", self.replica, error)
+            else:
+                log.warning("replica %s: clock back within %.0fs of the database's",
+                            self.replica, deployment.MAX_CLOCK_SKEW.total_seconds())
+        self.clock_error = error
+        return now
 
     def _changed(self, leader: bool) -> None:
         if self.on_change is not None:
@@ -228,7 +257,9 @@ class Lease:
         """We hold the lock: take the row with the next epoch."""
         started = time.monotonic()
         with self._session() as conn:
-            now = self.store.now(conn)
+            now = self._database_now(conn)
+            if self.clock_error is not None:
+                raise ClockSkewed(f"not taking the lease: {self.clock_error}")
             row = conn.execute(select(col(LeaseRow.epoch))
                                .where(col(LeaseRow.name) == LEADER).with_for_update()).first()
             epoch = 1 if row is None else int(row.epoch) + 1
@@ -245,12 +276,16 @@ class Lease:
     def _renew(self) -> None:
         started = time.monotonic()
         with self._session() as conn:
-            now = self.store.now(conn)
+            now = self._database_now(conn)
+            skewed = self.clock_error is not None
             result = conn.execute(
                 update(LeaseRow)
                 .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
                        col(LeaseRow.holder) == self.replica)
-                .values(expires_at=now + self.length))
+                # A skewed clock hands the lease back: another replica takes it at once.
+                .values(expires_at=now if skewed else now + self.length))
+        if skewed:
+            raise ClockSkewed(f"handing the lease back: {self.clock_error}")
         if result.rowcount != 1:
             raise LeaseLost(f"lease epoch {self._epoch} was taken over")
         self._expires_at = now + self.length
@@ -302,7 +337,7 @@ class Lease:
         try:
             with self.store.session("replica heartbeat", write=True) as session:
                 conn = session.connection()
-                now = self.store.now(conn)
+                now = self._database_now(conn)
                 if self._started_at is None:
                     self._started_at = now
                 conn.execute(delete(ReplicaSeen).where(col(ReplicaSeen.replica) == self.replica))

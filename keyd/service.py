@@ -33,6 +33,7 @@ from keyd.config import Settings
 from keyd.errors import (
     BadRequest,
     CertificateError,
+    ClockSkewed,
     Conflict,
     KeydError,
     KeyNotFound,
@@ -174,6 +175,9 @@ class KeyService:
         self._jwks_last_good: tuple[bytes, str] | None = None
         self._store_down_until = float("-inf")
         self.lease: Lease | None = None  # set by `keyd serve`
+        # The store's id, until the backend carries its mark (deployment.claim_backend);
+        # None once it does, or when nobody asked.
+        self._unclaimed_store: str | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -185,13 +189,29 @@ class KeyService:
         store = Store(settings.store.url)
         try:
             store.migrate()
-            deployment.check(store, settings)
+            store_id = deployment.check(store, settings)
             backend = open_backend(settings, require_up=require_backend)
         except BaseException:
             store.close()
             raise
+        try:
+            claimed = deployment.claim_backend(backend, store_id, required=require_backend)
+        except BaseException:
+            backend.close()
+            store.close()
+            raise
         clock = clock or SystemClock()
-        return cls(settings, store, backend, AuditLog(store, clock), clock)
+        service = cls(settings, store, backend, AuditLog(store, clock), clock)
+        service._unclaimed_store = None if claimed else store_id
+        return service
+
+    def claim_backend(self) -> None:
+        """The backend's owner mark, if it could not be checked at start-up (an
+        outage): before recovery lists the backend's keys as orphans."""
+        store_id = self._unclaimed_store
+        if store_id is not None:
+            deployment.claim_backend(self.backend, store_id, required=True)
+            self._unclaimed_store = None
 
     def close(self) -> None:
         for issuer in self.issuers.values():
@@ -265,6 +285,10 @@ class KeyService:
             self._fencing.check = None
 
     def _lock_lifecycle(self, session: Session) -> None:
+        lease = self.lease
+        if lease is not None and lease.clock_error is not None:
+            raise ClockSkewed(f"replica {lease.replica} makes no lifecycle writes: "
+                              f"{lease.clock_error}")
         queries.lock_lifecycle(session)
         check: Callable[[Session], None] | None = getattr(self._fencing, "check", None)
         if check is not None:
@@ -833,6 +857,7 @@ class KeyService:
         transaction that stores the key; reading intents before keys, each
         such ref is seen under one or the other (never neither).
         """
+        self.claim_backend()  # never erase keys that belong to another store
         held = set(self.backend.list_refs())
         with self.store.session("lifecycle read") as session:
             intents = queries.all_intents(session)
@@ -1081,6 +1106,8 @@ class KeyService:
             checks["active_keys"] = e.detail
         if checks["backend"] == "ok":
             checks["active_keys_in_backend"] = self._active_keys_in_backend()
+        if self.lease is not None:
+            checks["clock"] = self.lease.clock_error or "ok"
         lease = self.lease.state() if self.lease is not None else None
         return {
             "ready": all(v == "ok" for v in checks.values()),

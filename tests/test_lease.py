@@ -5,20 +5,21 @@ lifecycle writes are refused by the epoch fence."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 from keyd.clock import SettableClock
-from keyd.errors import LeaseLost
+from keyd.errors import ClockSkewed, LeaseLost
 from keyd.lease import Lease
 from keyd.model import KeyState, Purpose
 from keyd.scheduler import Scheduler
@@ -145,3 +146,41 @@ def test_only_the_leader_runs_the_scheduled_jobs_and_a_new_leader_runs_them_at_o
     finally:
         second.close()
         first.close()
+
+
+def test_a_replica_whose_clock_drifts_while_running_stops_leading_and_writing_until_fixed(
+        tmp_path: Path, store_url: str) -> None:
+    """The start-up skew check, made periodic: every lease tick measures the
+    injected clock against the database's."""
+    clock = SettableClock(datetime.now(UTC))
+    service = open_service(tmp_path, clock, {"store": {"url": store_url}})
+    other = Store(store_url)
+    on_time = Lease(other, LENGTH, replica="on-time")
+    try:
+        service.init()
+        drifting = Lease(service.store, LENGTH, replica="drifting", clock=clock)
+        service.lease = drifting
+        clock.set(datetime.now(UTC))
+        assert drifting.tick() and drifting.clock_error is None
+        assert service.ready()["checks"]["clock"] == "ok"
+        clock.set(datetime.now(UTC) + timedelta(seconds=30))  # NTP lost; the clock ran ahead
+        assert not drifting.tick() and not drifting.is_leader()
+        assert drifting.clock_error is not None
+        assert re.search(r"clock is \d\d\.\ds off the database.s \(at most 5s",
+                         drifting.clock_error)
+        ready = service.ready()
+        assert ready["ready"] is False and ready["leader"] is False
+        assert ready["checks"]["clock"] == drifting.clock_error
+        with pytest.raises(ClockSkewed, match="replica drifting makes no lifecycle writes"):
+            service.rotate(Purpose.SIGNING, actor="admin")
+        assert [k for k in service.keys() if k.state is KeyState.PENDING] == []
+        assert on_time.tick()  # handed back: another replica leads at once
+        clock.set(datetime.now(UTC))  # time sync fixed
+        assert not drifting.tick() and drifting.clock_error is None
+        assert service.ready()["checks"]["clock"] == "ok"
+        assert service.rotate(Purpose.SIGNING, actor="admin").state is KeyState.PENDING
+        drifting.stop()
+    finally:
+        on_time.stop()
+        other.close()
+        service.close()

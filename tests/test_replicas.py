@@ -188,6 +188,7 @@ def test_a_key_deleted_from_the_backend_is_not_ready_then_replaced_by_the_leader
             root.delete_key(lost.ref, mount_point=transit.mount)
             answer = svc.post("/v1/sign/jwt", json={"claims": {}, "ttl": 60})
             assert answer.status_code == 503, answer.text  # never a silent 404
+            assert int(answer.headers["Retry-After"]) > 0  # like every other 503
             ready = readyz(daemon)
             assert ready["ready"] is False
             assert lost.kid in ready["checks"]["active_keys_in_backend"]

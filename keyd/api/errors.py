@@ -20,6 +20,8 @@ from keyd.errors import (
 
 log = logging.getLogger("keyd.api")
 
+UNAVAILABLE_RETRY_AFTER = 5  # seconds, for a 503 whose error names no better time
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -44,6 +46,10 @@ def keyd_error(error: KeydError) -> Response:
     retry_after = None
     if isinstance(error, BackendUnavailable | StoreUnavailable | IssuerUnavailable | RateLimited):
         retry_after = error.retry_after
+    elif error.status == 503:
+        # Every 503 says when to come back (a key missing from the backend is
+        # replaced by the leader's next recovery tick).
+        retry_after = UNAVAILABLE_RETRY_AFTER
     # RFC 6750 3: a 401 names the scheme the caller should use.
     headers = {"WWW-Authenticate": 'Bearer realm="keyd"'} if isinstance(
         error, Unauthorized) else None

@@ -85,3 +85,15 @@ class RenewsCredentials(Protocol):
     def renew(self) -> None:
         """Renew the credential, logging in again where renewal fails."""
         ...
+
+
+@runtime_checkable
+class ClaimsStore(Protocol):
+    """A backend shared over the network (Vault/OpenBao): it records which keyd
+    store owns its keys, so a second store pointed at them refuses to start
+    instead of erasing them as orphans."""
+
+    def claim_store(self, store_id: str) -> None:
+        """Mark the keys as ``store_id``'s (first use) or raise ConfigError naming
+        both stores when another store owns them."""
+        ...

@@ -62,6 +62,8 @@ class UnsupportedOaepHash(BackendError):
 
 # Transit's own name rule (framework.GenericNameRegex).  Checking it here means
 # a hostile ref ("../../sys/seal") is never spliced into a request path.
+# Names the transit key that marks which keyd store owns the prefix's keys.
+STORE_MARKER = "store-"
 _SAFE_NAME = re.compile(r"^\w([\w.-]*\w)?$", re.ASCII)
 _SAFE_MOUNT = re.compile(r"^\w[\w-]*(/\w[\w-]*)*$", re.ASCII)
 _SCHEMES = {SignScheme.PSS_SHA256: "pss", SignScheme.PKCS1V15_SHA256: "pkcs1v15"}
@@ -434,7 +436,39 @@ class VaultBackend:
             if not isinstance(error, KeyNotFound):
                 raise error from e  # idempotent: an absent key is already destroyed
 
-    def list_refs(self) -> list[str]:
+    def _marker_prefix(self) -> str:
+        return f"{self._settings.key_prefix}{STORE_MARKER}"
+
+    def claim_store(self, store_id: str) -> None:
+        """The owner's mark is a tiny transit key, ``<key_prefix>store-<store id>``
+        (transit alone, under the policy's ``keyd-*``); it is never listed as a
+        key, so recovery never erases it.  A mount+prefix whose keys predate the
+        mark is claimed by the first store that starts."""
+        ours = f"{self._marker_prefix()}{store_id}"
+        if not _SAFE_NAME.match(ours):
+            raise BackendError(f"vault: store id {store_id!r} makes no transit key name")
+        owners = self._owners()
+        if ours not in owners:
+            if not owners:
+                try:
+                    self._call("store mark", lambda c: c.secrets.transit.create_key(
+                        ours, key_type="aes256-gcm96", exportable=False,
+                        allow_plaintext_backup=False, mount_point=self._settings.mount))
+                except hvac.exceptions.VaultError as e:
+                    raise self._refused("store mark", ours, e) from e
+                owners = self._owners()  # two stores marking at once: both see both
+        others = sorted(n.removeprefix(self._marker_prefix()) for n in owners if n != ours)
+        if others:
+            where = f"vault mount {self._settings.mount!r} key_prefix {self._settings.key_prefix!r}"
+            raise ConfigError(
+                f"{where} holds the keys of store {', '.join(others)}, but this replica's "
+                f"store is {store_id}: refusing to start (give each store its own key_prefix)")
+
+    def _owners(self) -> list[str]:
+        marker = self._marker_prefix()
+        return [n for n in self._names() if n.startswith(marker)]
+
+    def _names(self) -> list[str]:
         try:
             answer = self._call(
                 "key listing",
@@ -447,6 +481,10 @@ class VaultBackend:
         names = answer["data"]["keys"] if isinstance(answer, dict) else []
         prefix = self._settings.key_prefix
         return sorted(n for n in names if isinstance(n, str) and n.startswith(prefix))
+
+    def list_refs(self) -> list[str]:
+        marker = self._marker_prefix()
+        return [n for n in self._names() if not n.startswith(marker)]
 
     def close(self) -> None:
         self._session.close()
