@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS
-from keyd.api.limits import RateLimiter
+from keyd.api.limits import RateLimiter, SharedBuckets
 from keyd.api.openapi import document
 from keyd.audit import AuditEvent
 from keyd.errors import (
@@ -163,14 +163,17 @@ class Shape:
     action: bool  # an empty body is fine (rotate, revoke)
 
 
-def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
+def create_local_app(service: KeyService, metrics: Metrics,
+                     buckets: SharedBuckets | None = None) -> Starlette:
     tokens = TokenService(service)
     # A plain executor, not anyio's to_thread: on the hot path its cancel
     # scopes and capacity limiter cost the event loop more than the hop itself.
     workers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="keyd-op")
     limit = service.settings.api.max_body
     body_timeout = service.settings.api.body_timeout.total_seconds()
-    limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst)
+    # ``buckets``: the table every worker of this daemon shares (one limit per client).
+    limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst,
+                          buckets)
 
     def admit(token: str | None, name: str) -> Caller:
         try:
