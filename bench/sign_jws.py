@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keyd-bench-") as folder:
         # One client is the whole load here, so the per-client rate limit is off.
         config = write_config(Path(folder), {"lifecycle.transport": {"enabled": False},
-                                             "api": {"rate_limit": 0}})
+                                             "api": {"rate_limit": 0, "workers": "auto"}})
         keyd(config, "init")
         token = keyd(config, "client", "add", "bench", "--policy", "service").stdout.strip()
         daemon = start(config)

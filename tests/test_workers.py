@@ -7,10 +7,12 @@ until each worker has been seen.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -213,3 +215,35 @@ def test_workers_auto_is_one_per_core() -> None:
     settings = config.from_dict({"keyd": {"client_id": "c", "organisation": "o"}},
                                 Path("/etc/keyd/config.toml"))
     assert settings.api.workers == len(os.sched_getaffinity(0))
+
+
+WORKER_IMPORTS = """
+import json, sys
+from keyd import cli, config
+from keyd.api.local import create_local_app
+from keyd.api.public import create_public_app
+from keyd.api.server import ListenerRouter, serve
+from keyd.api.workers import supervise
+from keyd.jobs import Jobs
+from keyd.lease import Lease
+from keyd.metrics import Metrics
+from keyd.scheduler import Scheduler
+from keyd.service import KeyService
+service = KeyService.open(config.load(sys.argv[1]), require_backend=False)
+service.init()
+create_local_app(service, Metrics()), create_public_app(service)
+service.close()
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_a_local_sqlite_worker_loads_no_other_backend_or_store_driver(tmp_path: Path) -> None:
+    """What `keyd serve` imports into a worker on the local backend and SQLite:
+    no hvac, no python-pkcs11, no PostgreSQL driver, no Alembic (no migration due)."""
+    config_path = write_config(tmp_path, {"lifecycle.transport": {"enabled": False}})
+    keyd(config_path, "init")
+    out = subprocess.run([sys.executable, "-c", WORKER_IMPORTS, str(config_path)],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    loaded = {name.split(".")[0] for name in json.loads(out)}
+    assert "keyd" in loaded and "cryptography" in loaded
+    assert not loaded & {"hvac", "pkcs11", "psycopg", "psycopg2", "alembic"}
