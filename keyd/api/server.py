@@ -206,6 +206,9 @@ def serve(service: KeyService, listeners: Listeners | None = None,
         log_config=None,
         access_log=False,
         server_header=False,
+        # Loopback and a unix socket, no proxy in front: X-Forwarded-* are not
+        # trusted, and their middleware is not run on every request.
+        proxy_headers=False,
         date_header=False,
         http=guarded_protocol(
             settings.api.header_timeout.total_seconds(), settings.api.max_header_bytes
