@@ -20,8 +20,10 @@ lint: setup
 	$(BIN)/ruff check keyd tests bench
 	$(BIN)/mypy keyd
 
-bench: setup          ## sign/s against a reference measured in the same run
+bench: setup          ## each a ratio against a reference measured in the same run
 	$(BIN)/python bench/sign_jws.py
+	$(BIN)/python bench/verify_jws.py
+	$(BIN)/python bench/decrypt_jwe.py
 	$(BIN)/python bench/sign_vault.py
 	$(BIN)/python bench/sign_pkcs11.py
 	$(BIN)/python bench/cli_startup.py

@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sign_jws import wrk  # noqa: E402 - after the path fix
+from bench._common import wrk  # noqa: E402 - after the path fix
 from tests.daemon import keyd, start, write_config  # noqa: E402
 
 

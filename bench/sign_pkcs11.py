@@ -1,10 +1,11 @@
 """Benchmark: POST /v1/sign/jws with the signing key on a SoftHSM2 token, beside
 a direct PKCS#11 sign loop on the same token and key, measured in the same run.
 
-    .venv/bin/python bench/sign_pkcs11.py [--seconds 10] [--connections 32] [--sessions 4]
+    .venv/bin/python bench/sign_pkcs11.py [--seconds 5] [--connections 16] [--sessions 4]
 
 1. A fresh token in a temporary folder; `keyd init` makes the keys on it.
-2. `keyd serve` on that token, driven by wrk (as bench/sign_jws.py does).
+2. `keyd serve` on that token, driven by wrk (as bench/sign_jws.py does), in
+   one process: SoftHSM2's file store wants one process per token directory.
 3. The daemon stopped (SoftHSM2's file store wants one process per token
    directory), this process signs in a loop on the same key with
    CKM_SHA256_RSA_PKCS_PSS (salt 32, as PS256), one session per thread, for
@@ -30,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sign_jws import wrk  # noqa: E402 - after the path fix
+from bench._common import CONNECTIONS, worker_rss_mib, wrk  # noqa: E402 - after the path fix
 from tests.daemon import keyd, start, write_config  # noqa: E402
 from tests.fixtures.softhsm import SoftHsm, initialise_token  # noqa: E402
 
@@ -108,8 +109,8 @@ def direct_signs_per_second(hsm: SoftHsm, key_id: bytes, threads: list[int],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--sessions", type=int, default=4, help="[backend.pkcs11] sessions")
     args = parser.parse_args()
 
@@ -126,6 +127,7 @@ def main() -> None:
             url = daemon.api_url + "/v1/sign/jws"
             wrk(url, token, 2, args.connections)  # warm-up
             keyd_result = wrk(url, token, args.seconds, args.connections)
+            rss = worker_rss_mib(daemon)
         finally:
             daemon.stop()
         # The daemon has exited: this process is now the token's only user.
@@ -137,7 +139,9 @@ def main() -> None:
         "keyd_on_hsm": {**keyd_result, "connections": args.connections,
                         "sessions": args.sessions},
         "direct_pkcs11_signs_per_second_by_threads": direct,
-        "ratio_keyd_to_best_direct": round(keyd_result["signs_per_second"] / best, 3),
+        "worker_rss_mib": rss,
+        "ratio": round(keyd_result["per_second"] / best, 3),
+        "target": 0.85,
     }
     print(json.dumps(result, indent=2))
 

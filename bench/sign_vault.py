@@ -1,7 +1,7 @@
 """Benchmark: POST /v1/sign/jws with the vault backend, beside a direct transit
 sign loop measured in the same run against the same OpenBao server and key.
 
-    .venv/bin/python bench/sign_vault.py [--seconds 10] [--connections 32] [--threads 16]
+    .venv/bin/python bench/sign_vault.py [--seconds 5] [--connections 16]
 
 Starts its own OpenBao dev server (the `bao` binary beside this Python, a free
 port, a random root token; stopped at the end) and a keyd daemon on it; drives
@@ -18,16 +18,19 @@ import argparse
 import base64
 import hashlib
 import json
-import statistics
 import sys
 import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sign_jws import wrk  # noqa: E402 - after the path fix
+from bench._common import (  # noqa: E402 - after the path fix
+    CONNECTIONS,
+    timed_loop,
+    worker_rss_mib,
+    wrk,
+)
 from tests.daemon import keyd, start, write_config  # noqa: E402
 from tests.fixtures.openbao import BaoServer, start_server, stop_server  # noqa: E402
 
@@ -38,50 +41,21 @@ def direct_transit_loop(server: BaoServer, key: str, threads: int,
                         seconds: float) -> dict[str, float]:
     """Sign from ``threads`` threads for ``seconds``, one hvac client each."""
     digest = base64.b64encode(hashlib.sha256(b"eyJhbGciOiJQUzI1NiJ9.e30").digest()).decode()
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    errors = [0] * threads
-    go = threading.Event()
-    deadline = [0.0]
 
-    def worker(i: int) -> None:
+    def make() -> Callable[[], object]:
         transit = server.client().secrets.transit
-        go.wait()
-        while (started := time.monotonic()) < deadline[0]:
-            try:
-                transit.sign_data(key, hash_input=digest, hash_algorithm="sha2-256",
-                                  prehashed=True, signature_algorithm="pss",
-                                  salt_length="hash", mount_point=MOUNT)
-            except Exception:  # noqa: BLE001 - a benchmark counts failures, it does not stop
-                errors[i] += 1
-                continue
-            latencies[i].append(time.monotonic() - started)
+        return lambda: transit.sign_data(key, hash_input=digest, hash_algorithm="sha2-256",
+                                         prehashed=True, signature_algorithm="pss",
+                                         salt_length="hash", mount_point=MOUNT)
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
-    for t in pool:
-        t.start()
-    began = time.monotonic()
-    deadline[0] = began + seconds
-    go.set()
-    for t in pool:
-        t.join()
-    elapsed = time.monotonic() - began
-    merged = sorted(x for per_thread in latencies for x in per_thread)
-    if not merged:
-        raise SystemExit("the direct transit loop made no signature")
-    cuts = statistics.quantiles(merged, n=100)
-    return {
-        "signs_per_second": round(len(merged) / elapsed, 1),
-        "p50_ms": round(cuts[49] * 1000, 2),
-        "p99_ms": round(cuts[98] * 1000, 2),
-        "errors": float(sum(errors)),
-    }
+    return timed_loop(make, threads, seconds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections to keyd")
-    parser.add_argument("--threads", type=int, default=16, help="direct transit loop threads")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="wrk connections to keyd, and the direct loop's threads")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="keyd-bench-vault-") as folder:
@@ -96,6 +70,7 @@ def main() -> None:
                 "backend.vault": {"addr": server.addr, "mount": MOUNT,
                                   "token_file": str(token_file)},
                 "lifecycle.transport": {"enabled": False},
+                "api": {"workers": "auto"},
             })
             keyd(config, "init")
             token = keyd(config, "client", "add", "bench", "--policy", "service").stdout.strip()
@@ -104,19 +79,22 @@ def main() -> None:
             daemon = start(config)
             try:
                 url = daemon.api_url + "/v1/sign/jws"
-                wrk(url, token, 2, args.connections)  # warm-up
+                wrk(url, token, 1, args.connections)  # warm-up
                 keyd_result = wrk(url, token, args.seconds, args.connections)
+                rss = worker_rss_mib(daemon)
             finally:
                 daemon.stop()
-            direct_transit_loop(server, signing_key, args.threads, 2)  # warm-up
-            direct = direct_transit_loop(server, signing_key, args.threads, args.seconds)
+            direct_transit_loop(server, signing_key, args.connections, 2)  # warm-up
+            direct = direct_transit_loop(server, signing_key, args.connections, args.seconds)
         finally:
             stop_server(server.pid, server.root_token)
     result = {
         "benchmark": "POST /v1/sign/jws (vault backend: OpenBao transit, RSA-2048 PS256)",
         **keyd_result,
-        "direct_transit": {"threads": args.threads, **direct},
-        "ratio": round(keyd_result["signs_per_second"] / direct["signs_per_second"], 3),
+        "direct_transit": {"threads": args.connections, **direct},
+        "worker_rss_mib": rss,
+        "ratio": round(keyd_result["per_second"] / direct["per_second"], 3),
+        "target": 0.85,
     }
     print(json.dumps(result, indent=2))
 

@@ -23,6 +23,8 @@ from keyd.logs import setup_logging
 from keyd.model import Purpose
 
 if TYPE_CHECKING:
+    from keyd.api.server import Listeners
+    from keyd.api.workers import Worker
     from keyd.service import KeyInfo, KeyService
 
 # Imports stay inside the commands: `keyd --help` and `keyd status` pay only
@@ -156,18 +158,51 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from keyd import deployment
-    from keyd.api.server import bind_listeners, lock_data_dir, serve
-    from keyd.jobs import Jobs
-    from keyd.lease import Lease
-    from keyd.scheduler import Scheduler
+    from keyd.api.server import (
+        bind_listeners,
+        lock_data_dir,
+        release_listeners,
+        socket_inode,
+    )
 
     settings = config.load(args.config)
     # The data_dir lock and the listeners first: a second daemon refused here
     # (busy port, live socket) exits having recovered and changed nothing.
+    # Workers inherit both from this process: they share the lock, not fight it.
     lock_data_dir(settings)
     listeners = bind_listeners(settings)
+    if settings.api.workers == 1:
+        _serve_one(args, listeners, None)
+        return
+    from keyd.api.workers import supervise
+
+    inode = socket_inode(settings)
+
+    def run_worker(worker: Worker) -> int:
+        try:
+            _serve_one(args, listeners, worker)
+        except KeydError as e:
+            print(f"keyd: error: {e.detail}", file=sys.stderr)
+            return EXIT_ERROR
+        return 0
+
+    code = supervise(settings.api.workers, run_worker, listeners[1],
+                     settings.keyd.data_dir / "endpoints.json",
+                     lambda: release_listeners(settings, inode))
+    if code:
+        raise SystemExit(code)
+
+
+def _serve_one(args: argparse.Namespace, listeners: Listeners, worker: Worker | None) -> None:
+    """One serving process: the service, its lease, the scheduler, the listeners."""
+    from keyd import deployment
+    from keyd.api.server import serve
+    from keyd.jobs import Jobs
+    from keyd.lease import Lease
+    from keyd.scheduler import Scheduler
+
     with _service(args, require_backend=False) as service:
+        settings = service.settings
         deployment.check_clock(service.store, service.clock)
         try:
             service.init()
@@ -179,8 +214,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         service.lease = lease
         jobs = Jobs(service)
         scheduler = Scheduler(jobs, lease)
-        # The leader runs the lifecycle (recovery first) once before the
-        # listeners open, then every [scheduler] interval; the others serve.
+        # The leader (one among all replicas and workers) runs the lifecycle
+        # (recovery first) once before serving, then every [scheduler]
+        # interval; the others serve.
         if lease.tick():
             report = scheduler.run_if_leader()
             for error in report.errors if report is not None else []:
@@ -189,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         lease.start()
         scheduler.start()
         try:
-            serve(service, listeners)
+            serve(service, listeners, worker)
         finally:
             scheduler.stop()
             lease.stop()

@@ -110,6 +110,7 @@ class ApiSettings:
     header_timeout: timedelta  # a request's headers must arrive within this
     body_timeout: timedelta  # and its body within this
     max_header_bytes: int
+    workers: int = 1  # serving processes on the same listeners ("auto": one per core)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,17 @@ class _Table:
             near = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
             hint = f"; did you mean `{near[0]}`?" if near else ""
             raise ConfigError(f"{where} {unknown[0]!r}{hint}")
+
+
+def _workers(table: _Table) -> int:
+    """``[api] workers``: "auto" (one per core this process may run on) or 1 and up."""
+    value = table._get("workers", "auto")
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
+        raise ConfigError(f"{table.name('workers')} must be \"auto\" or an integer from 1 "
+                          f"to 256, not {value!r}")
+    return value
 
 
 def _listen(value: str, where: str, *, loopback_only: bool) -> Listen:
@@ -576,6 +588,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         header_timeout=a.duration("header_timeout", "10s"),
         body_timeout=a.duration("body_timeout", "10s"),
         max_header_bytes=a.integer("max_header_bytes", 16 * 1024),
+        workers=_workers(a),
     )
     a.done()
     if api.listen is None and api.socket is None:

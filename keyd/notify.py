@@ -40,8 +40,12 @@ def _address(value: str) -> str | None:
 class Notifier:
     """Sends sd_notify datagrams to ``$NOTIFY_SOCKET``; a no-op when it is unset."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None, *,
+                 blocking: bool = True) -> None:
         env = os.environ if environ is None else environ
+        # A process whose one loop sends (the workers' parent) must never wait
+        # on a receiver's full queue: it drops the datagram and logs it instead.
+        self._flags = 0 if blocking else socket.MSG_DONTWAIT
         raw = env.get("NOTIFY_SOCKET", "")
         self.address = _address(raw) if raw else None
         self._watchdog_usec = env.get("WATCHDOG_USEC", "")
@@ -64,7 +68,7 @@ class Notifier:
         with self._lock:
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                    s.sendto(message, self.address)
+                    s.sendto(message, self._flags, self.address)
             except OSError as e:
                 log.warning("sd_notify to %r failed: %s", self.address, e.strerror or e)
                 return False

@@ -52,7 +52,8 @@ def write_config(folder: Path, tables: dict[str, dict[str, Any]]) -> Path:
             "policies_dir": str(REPO / "policies"),
         },
         "public": {"listen": "127.0.0.1:0", "max_age": 300},
-        "api": {"listen": "127.0.0.1:0", "socket": "var/keyd.sock"},
+        # One process unless a test asks for workers (tests/test_workers.py).
+        "api": {"listen": "127.0.0.1:0", "socket": "var/keyd.sock", "workers": 1},
         "backend": {"kind": "local"},
     }
     for name, values in tables.items():

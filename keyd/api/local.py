@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from keyd.api import admin
 from keyd.api.errors import EXCEPTION_HANDLERS
-from keyd.api.limits import RateLimiter
+from keyd.api.limits import RateLimiter, SharedBuckets
 from keyd.api.openapi import document
 from keyd.audit import AuditEvent
 from keyd.console import console_routes
@@ -164,14 +164,17 @@ class Shape:
     action: bool  # an empty body is fine (rotate, revoke)
 
 
-def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
+def create_local_app(service: KeyService, metrics: Metrics,
+                     buckets: SharedBuckets | None = None) -> Starlette:
     tokens = TokenService(service)
     # A plain executor, not anyio's to_thread: on the hot path its cancel
     # scopes and capacity limiter cost the event loop more than the hop itself.
     workers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="keyd-op")
     limit = service.settings.api.max_body
     body_timeout = service.settings.api.body_timeout.total_seconds()
-    limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst)
+    # ``buckets``: the table every worker of this daemon shares (one limit per client).
+    limiter = RateLimiter(service.settings.api.rate_limit, service.settings.api.rate_burst,
+                          buckets)
 
     def admit(token: str | None, name: str) -> Caller:
         try:
@@ -232,6 +235,10 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
                                                         "status": 500}))
                 raise RuntimeError(f"answer of {name} not serialisable") from e
 
+        # The labelled children looked up once, not twice a request.
+        latency = metrics.latency.labels(name)
+        counted: dict[str, Any] = {}
+
         async def handle(request: Request) -> Response:
             started = time.perf_counter()
             outcome = "error"
@@ -275,8 +282,11 @@ def create_local_app(service: KeyService, metrics: Metrics) -> Starlette:
                 outcome = e.code
                 raise
             finally:
-                metrics.requests.labels(name, outcome).inc()
-                metrics.latency.labels(name).observe(time.perf_counter() - started)
+                counter = counted.get(outcome)
+                if counter is None:
+                    counter = counted[outcome] = metrics.requests.labels(name, outcome)
+                counter.inc()
+                latency.observe(time.perf_counter() - started)
 
         return handle
 

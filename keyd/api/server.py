@@ -1,5 +1,6 @@
 """`keyd serve`: the public JWKS listener, the local API on loopback TCP and on
-the unix socket, all in one uvicorn server and one event loop.
+the unix socket, all in one uvicorn server and one event loop per process
+(``[api] workers`` such processes share the sockets: keyd/api/workers.py).
 
 keyd binds the sockets itself, so a port of 0 works (tests) and the real
 addresses are written to ``<data_dir>/endpoints.json`` once serving.  One
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from keyd.api.local import create_local_app
 from keyd.api.protocol import guarded_protocol
 from keyd.api.public import create_public_app
+from keyd.api.workers import Worker
 from keyd.config import Listen, Settings
 from keyd.errors import ConfigError
 from keyd.metrics import Metrics
@@ -181,16 +183,22 @@ class _Server(uvicorn.Server):
 Listeners = tuple[list[socket.socket], dict[str, Any]]
 
 
-def serve(service: KeyService, listeners: Listeners | None = None) -> None:
-    """Serve until a signal; ``listeners`` from bind_listeners() (bound here if None)."""
+def serve(service: KeyService, listeners: Listeners | None = None,
+          worker: Worker | None = None) -> None:
+    """Serve until a signal; ``listeners`` from bind_listeners() (bound here if None).
+
+    As one of several ``worker``s, the parent owns endpoints.json and the
+    socket file, and this process's sd_notify goes to the parent.
+    """
     settings = service.settings
     sockets, endpoints = listeners if listeners is not None else bind_listeners(settings)
-    socket_inode = (settings.api.socket.stat().st_ino if settings.api.socket is not None
-                    else None)
+    inode = socket_inode(settings)
     public_port = sockets[0].getsockname()[1]
     metrics = Metrics()
     app = ListenerRouter(
-        create_public_app(service), create_local_app(service, metrics), public_port
+        create_public_app(service),
+        create_local_app(service, metrics, None if worker is None else worker.buckets),
+        public_port
     )
     config = uvicorn.Config(
         app,
@@ -198,6 +206,9 @@ def serve(service: KeyService, listeners: Listeners | None = None) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
+        # Loopback and a unix socket, no proxy in front: X-Forwarded-* are not
+        # trusted, and their middleware is not run on every request.
+        proxy_headers=False,
         date_header=False,
         http=guarded_protocol(
             settings.api.header_timeout.total_seconds(), settings.api.max_header_bytes
@@ -212,7 +223,7 @@ def serve(service: KeyService, listeners: Listeners | None = None) -> None:
         serving = asyncio.ensure_future(server.serve(sockets=sockets))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
-        if server.started:
+        if server.started and worker is None:
             tmp = endpoints_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(endpoints))
             tmp.replace(endpoints_file)
@@ -222,6 +233,8 @@ def serve(service: KeyService, listeners: Listeners | None = None) -> None:
         if server.started:
             # KeyService.open loaded the keys and every listener accepts: ready.
             notifier.ready(f"serving JWKS on {endpoints['public']}")
+            if worker is not None:
+                log.info("worker %d serving", worker.slot)
             # Heartbeat only while this loop answers, so a wedged loop is restarted.
             watchdog = start_watchdog(notifier, loop_responds(asyncio.get_running_loop()))
         try:
@@ -235,9 +248,19 @@ def serve(service: KeyService, listeners: Listeners | None = None) -> None:
         with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
             runner.run(run())
     finally:
-        endpoints_file.unlink(missing_ok=True)
-        if settings.api.socket is not None:
-            _unlink_own_socket(settings.api.socket, socket_inode)
+        if worker is None:
+            release_listeners(settings, inode)
+
+
+def socket_inode(settings: Settings) -> int | None:
+    return settings.api.socket.stat().st_ino if settings.api.socket is not None else None
+
+
+def release_listeners(settings: Settings, inode: int | None) -> None:
+    """On the way out: endpoints.json and our own socket file go."""
+    (settings.keyd.data_dir / "endpoints.json").unlink(missing_ok=True)
+    if settings.api.socket is not None:
+        _unlink_own_socket(settings.api.socket, inode)
 
 
 def _unlink_own_socket(path: Path, inode: int | None) -> None:
