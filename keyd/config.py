@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -326,11 +326,12 @@ class _Table:
             raise ConfigError(f"{where} {unknown[0]!r}{hint}")
 
 
-def _workers(table: _Table) -> int:
-    """``[api] workers``: "auto" (one per core this process may run on) or 1 and up."""
+def _workers(table: _Table) -> int | None:
+    """``[api] workers``: "auto" (None here: decided once the backend is known)
+    or 1 and up."""
     value = table._get("workers", "auto")
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
         raise ConfigError(f"{table.name('workers')} must be \"auto\" or an integer from 1 "
                           f"to 256, not {value!r}")
@@ -578,6 +579,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
 
     a = root.table("api")
     api_listen = a.text("listen", "127.0.0.1:8081")
+    workers = _workers(a)
     api_socket = a.text("socket", "var/keyd.sock")
     api = ApiSettings(
         listen=_listen(api_listen, a.name("listen"), loopback_only=True) if api_listen else None,
@@ -588,7 +590,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         header_timeout=a.duration("header_timeout", "10s"),
         body_timeout=a.duration("body_timeout", "10s"),
         max_header_bytes=a.integer("max_header_bytes", 16 * 1024),
-        workers=_workers(a),
+        workers=workers or 1,
     )
     a.done()
     if api.listen is None and api.socket is None:
@@ -639,6 +641,13 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
         )
     b.done()
     backend = BackendSettings(kind=kind, local=local, vault=vault, pkcs11=pkcs11)
+    if workers is None:
+        # "auto": one worker per core, except on an HSM.  There the token is
+        # the bottleneck (bench/sign_pkcs11.py: one process already matches a
+        # direct PKCS#11 loop), and several processes opening one SoftHSM2
+        # token directory is untested; an explicit `workers` still applies.
+        workers = 1 if kind == "pkcs11" else max(1, len(os.sched_getaffinity(0)))
+        api = replace(api, workers=workers)
 
     lt = root.table("lifecycle")
     lifecycle = {

@@ -217,6 +217,15 @@ def test_workers_auto_is_one_per_core() -> None:
     assert settings.api.workers == len(os.sched_getaffinity(0))
 
 
+def test_workers_auto_is_one_on_an_hsm_unless_set() -> None:
+    """On pkcs11 the token is the bottleneck: "auto" runs one process there,
+    while an explicit count is obeyed."""
+    base = {"keyd": {"client_id": "c", "organisation": "o"}, "backend": {"kind": "pkcs11"}}
+    where = Path("/etc/keyd/config.toml")
+    assert config.from_dict(base, where).api.workers == 1
+    assert config.from_dict({**base, "api": {"workers": 3}}, where).api.workers == 3
+
+
 WORKER_IMPORTS = """
 import json, sys
 from keyd import cli, config
