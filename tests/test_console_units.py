@@ -3,21 +3,33 @@ text, the timeline's geometry, autoescaping."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from keyd.clock import SettableClock
 from keyd.console import timeline
 from keyd.console.render import duration, environment, relative
-from keyd.console.sessions import ABSOLUTE, IDLE, MAX_SESSIONS, SessionStore, same_secret
+from keyd.console.sessions import (
+    ABSOLUTE,
+    IDLE,
+    MAX_SESSIONS,
+    SessionStore,
+    _digest,
+    same_secret,
+)
 from keyd.console.views import KeyRow, shape_readiness
 from keyd.model import KeyState, Purpose
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-def test_a_session_ends_after_the_idle_time_without_a_request() -> None:
+def test_a_session_ends_after_the_idle_time_without_a_request(tmp_path: Path) -> None:
     clock = SettableClock(T0)
-    store = SessionStore(clock)
+    store = SessionStore(clock, tmp_path / "s.db")
     cookie, _ = store.create("admin-1")
     clock.advance(IDLE - timedelta(seconds=1))
     assert store.get(cookie) is not None  # ... which restarts the idle timer
@@ -28,9 +40,9 @@ def test_a_session_ends_after_the_idle_time_without_a_request() -> None:
     assert store.get(cookie) is None  # and it stays ended
 
 
-def test_a_busy_session_still_ends_at_the_absolute_limit() -> None:
+def test_a_busy_session_still_ends_at_the_absolute_limit(tmp_path: Path) -> None:
     clock = SettableClock(T0)
-    store = SessionStore(clock)
+    store = SessionStore(clock, tmp_path / "s.db")
     cookie, _ = store.create("admin-1")
     while clock.now() - T0 < ABSOLUTE - IDLE:
         clock.advance(IDLE / 2)
@@ -39,9 +51,9 @@ def test_a_busy_session_still_ends_at_the_absolute_limit() -> None:
     assert store.get(cookie) is None
 
 
-def test_a_clock_that_goes_back_does_not_revive_or_extend_a_session() -> None:
+def test_a_clock_that_goes_back_does_not_revive_or_extend_a_session(tmp_path: Path) -> None:
     clock = SettableClock(T0)
-    store = SessionStore(clock)
+    store = SessionStore(clock, tmp_path / "s.db")
     cookie, _ = store.create("admin-1")
     clock.advance(ABSOLUTE)
     assert store.get(cookie) is None
@@ -49,12 +61,20 @@ def test_a_clock_that_goes_back_does_not_revive_or_extend_a_session() -> None:
     assert store.get(cookie) is None
 
 
-def test_sign_out_and_client_revocation_end_sessions_and_memory_keeps_no_cookie() -> None:
-    store = SessionStore(SettableClock(T0))
+def test_sign_out_and_client_revocation_end_sessions_and_the_file_keeps_no_cookie(
+        tmp_path: Path) -> None:
+    store = SessionStore(SettableClock(T0), tmp_path / "s.db")
     a, _ = store.create("admin-1")
     b, _ = store.create("admin-2")
     c, _ = store.create("admin-2")
-    assert a not in repr(store._sessions)  # only the cookie's hash is kept
+    # Only the cookie's hash is kept: not in the table, not anywhere in the files.
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute("SELECT * FROM sessions").fetchall()
+    assert len(rows) == 3 and _digest(a) in repr(rows)
+    assert not any(cookie in repr(rows) for cookie in (a, b, c))
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert not any(cookie.encode() in stored for cookie in (a, b, c))
+    assert store.path.stat().st_mode & 0o777 == 0o600
     store.end(a)
     assert store.get(a) is None
     store.end_client("admin-2")
@@ -62,15 +82,15 @@ def test_sign_out_and_client_revocation_end_sessions_and_memory_keeps_no_cookie(
     assert store.get("x" * 500) is None and store.get(None) is None
 
 
-def test_the_number_of_sessions_is_bounded() -> None:
-    store = SessionStore(SettableClock(T0))
+def test_the_number_of_sessions_is_bounded(tmp_path: Path) -> None:
+    store = SessionStore(SettableClock(T0), tmp_path / "s.db")
     for _ in range(MAX_SESSIONS + 5):
         store.create("admin-1")
     assert len(store) == MAX_SESSIONS
 
 
-def test_csrf_tokens_compare_exactly() -> None:
-    store = SessionStore(SettableClock(T0))
+def test_csrf_tokens_compare_exactly(tmp_path: Path) -> None:
+    store = SessionStore(SettableClock(T0), tmp_path / "s.db")
     _, session = store.create("admin-1")
     assert same_secret(session.csrf, session.csrf)
     assert not same_secret(None, session.csrf)
@@ -78,6 +98,58 @@ def test_csrf_tokens_compare_exactly() -> None:
     assert not same_secret(session.csrf[:-1], session.csrf)
     _, other = store.create("admin-1")
     assert other.csrf != session.csrf
+
+
+_OTHER_PROCESS = """
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from keyd.clock import SettableClock
+from keyd.console.sessions import SessionStore
+store = SessionStore(SettableClock(datetime(2026, 11, 30, 12, 1, tzinfo=UTC)), Path(sys.argv[1]))
+session = store.get(sys.argv[2])
+assert session is not None and session.client == "admin-1"
+print("|".join(session.take_flashes()))
+session.flash("from the other process")
+"""
+
+
+def test_sessions_and_flashes_are_shared_by_every_process_on_the_file(tmp_path: Path) -> None:
+    """[api] workers: the next request may reach another process than the one that
+    signed the browser in."""
+    clock = SettableClock(T0)
+    one = SessionStore(clock, tmp_path / "s.db")
+    two = SessionStore(clock, tmp_path / "s.db")
+    cookie, session = one.create("admin-1")
+    session.flash("Signed in as admin-1.")
+    found = two.get(cookie)
+    assert found is not None and (found.client, found.csrf) == ("admin-1", session.csrf)
+    assert found.take_flashes() == ["Signed in as admin-1."]
+    assert found.take_flashes() == [] and session.take_flashes() == []  # taken exactly once
+
+    # Another process (the workers are forked): it sees the session, takes its flash and
+    # leaves one for us.
+    session.flash("first")
+    session.flash("second")
+    done = subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(one.path), cookie],
+                          capture_output=True, text=True, env=os.environ, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "first|second"
+    again = one.get(cookie)
+    assert again is not None and again.take_flashes() == ["from the other process"]
+    seen_by_two = two.get(cookie)
+    assert seen_by_two is not None and seen_by_two.take_flashes() == []
+
+    # Sign-out through one ends it for the other; so does revoking the client.
+    two.end(cookie)
+    assert one.get(cookie) is None and two.get(cookie) is None
+    other, _ = two.create("admin-2")
+    one.end_client("admin-2")
+    assert two.get(other) is None
+    # And the expiry is the same everywhere: idle seen by one, refused by the other.
+    late, _ = one.create("admin-1")
+    clock.advance(IDLE)
+    assert two.get(late) is None
 
 
 def test_countdowns_read_at_a_glance() -> None:

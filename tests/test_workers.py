@@ -256,3 +256,27 @@ def test_a_local_sqlite_worker_loads_no_other_backend_or_store_driver(tmp_path: 
     loaded = {name.split(".")[0] for name in json.loads(out)}
     assert "keyd" in loaded and "cryptography" in loaded
     assert not loaded & {"hvac", "pkcs11", "psycopg", "psycopg2", "alembic"}
+
+
+def test_a_console_session_is_honoured_by_every_worker(daemon: Daemon) -> None:
+    """Signed in through one worker, the browser's next connections go to any of them."""
+    from tests.test_console_http import csrf_of, signed_in
+
+    assert len(readyz_by_worker(daemon)) == WORKERS
+    with signed_in(daemon) as client:
+        cookie = client.cookies["keyd-console"]
+        csrf = client.headers["x-csrf"]
+    pages = ["/console/", "/console/clients", "/console/audit", "/console/timeline"]
+    for i in range(20):
+        with httpx.Client(base_url=daemon.api_url, cookies={"keyd-console": cookie},
+                          timeout=30) as fresh:  # a new connection each time
+            answer = fresh.get(pages[i % len(pages)])
+            assert answer.status_code == 200, (i, answer.status_code, answer.headers)
+            assert csrf_of(answer.text) == csrf  # the same session, whichever worker
+    # Sign-out through one worker ends the session for all of them.
+    with httpx.Client(base_url=daemon.api_url, cookies={"keyd-console": cookie},
+                      timeout=30) as fresh:
+        assert fresh.post("/console/sign-out", data={"csrf": csrf}).status_code == 200
+    for _ in range(10):
+        replay = httpx.get(daemon.api_url + "/console/", cookies={"keyd-console": cookie})
+        assert replay.status_code == 303

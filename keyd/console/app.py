@@ -27,6 +27,7 @@ from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.console import actions, pages, web
 from keyd.console.render import environment, relative
+from keyd.console.sessions import FILE_NAME as SESSIONS_FILE
 from keyd.console.sessions import Session, SessionStore, same_secret
 from keyd.errors import Forbidden, KeydError, Unauthorized
 from keyd.policy import Operation
@@ -42,7 +43,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Console:
     def __init__(self, service: KeyService) -> None:
         self.service = service
-        self.sessions = SessionStore(service.clock)
+        self.sessions = SessionStore(
+            service.clock, service.settings.keyd.data_dir / SESSIONS_FILE)
         self.templates = environment()
         self.limit = service.settings.api.max_body
         self.deadline = service.settings.api.body_timeout.total_seconds()
