@@ -168,7 +168,9 @@ class Lease:
         before = self.clock.now()
         now = self.store.now(conn)
         after = self.clock.now()
-        skew = abs((before + (after - before) / 2 - now).total_seconds())
+        # The database read its clock somewhere in [before, after]: only a
+        # distance outside that window is skew (a slow round trip is not).
+        skew = max((before - now).total_seconds(), (now - after).total_seconds(), 0.0)
         error = deployment.skew_error(skew)
         if (error is None) != (self.clock_error is None):  # say so once per change
             if error is not None:

@@ -38,6 +38,10 @@ from keyd.notify import Notifier
 log = logging.getLogger("keyd.workers")
 
 STOP_GRACE = 20.0  # seconds the workers get to finish after SIGTERM, then SIGKILL
+# A starting worker opens the store and the backend before its first beat; on
+# a busy host that can outlast a short watchdog, and killing it there would
+# stop the whole daemon.  systemd's TimeoutStartSec bounds a start that hangs.
+START_GRACE = 60.0
 RESTART_PAUSE = (0.1, 5.0)  # a worker that keeps dying is restarted ever more slowly
 
 
@@ -220,9 +224,10 @@ class Supervisor:
     def _kill_wedged(self, now: float) -> None:
         assert self.interval is not None
         # A worker beats every interval (half of WatchdogSec); four missed
-        # beats is a loop that no longer runs.  Start-up is given as long.
+        # beats is a loop that no longer runs.  Start-up gets START_GRACE at least.
         for slot in self.slots:
-            if slot.pid and now - max(slot.beat, slot.started) > 4 * self.interval:
+            allowed = 4 * self.interval if slot.ready else max(4 * self.interval, START_GRACE)
+            if slot.pid and now - max(slot.beat, slot.started) > allowed:
                 log.error("worker %d (pid %d) stopped answering its watchdog; killed",
                           slot.number, slot.pid)
                 self._kill(slot, signal.SIGKILL)
