@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from keyd.api import admin
+from keyd.api.body import read_bytes
 from keyd.api.errors import EXCEPTION_HANDLERS
 from keyd.api.limits import RateLimiter, SharedBuckets
 from keyd.api.openapi import document
@@ -34,7 +35,6 @@ from keyd.errors import (
     IssuerUnavailable,
     KeydError,
     PayloadTooLarge,
-    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -104,29 +104,6 @@ def _is_json(content_type: str) -> bool:
         return False
     charset = params.strip().lower().removeprefix("charset=").strip('"')
     return not params.strip() or charset in ("utf-8", "utf8")
-
-
-async def read_bytes(request: Request, limit: int, deadline: float) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes.
-
-    Content-Length is checked first, then the stream is counted, so a lying
-    Content-Length cannot make us buffer more than the limit; a body that
-    trickles in slower than ``deadline`` seconds is refused with 408.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise PayloadTooLarge(f"request body over {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(deadline):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body over {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {deadline:g} s") from None
-    return b"".join(chunks)
 
 
 def parse_body(raw: bytes, fields: frozenset[str]) -> Body:

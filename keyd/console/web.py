@@ -8,7 +8,6 @@ post only here), ``X-Frame-Options: DENY`` and ``Cache-Control: no-store``
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncGenerator
 from urllib.parse import parse_qsl
@@ -18,7 +17,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keyd.errors import BadRequest, KeydError, PayloadTooLarge, RequestTimeout
+from keyd.api.body import read_bytes
+from keyd.errors import BadRequest, KeydError
 
 CSP = "; ".join([
     "default-src 'self'",
@@ -111,23 +111,6 @@ def same_origin(request: Request) -> bool:
     return origin == own
 
 
-async def read_body(request: Request, limit: int, deadline: float) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise PayloadTooLarge(f"form over {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(deadline):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"form over {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"form not received within {deadline:g} s") from None
-    return b"".join(chunks)
-
-
 async def read_form(request: Request, allowed: set[str], *, limit: int,
                     deadline: float) -> dict[str, str | bytes]:
     """A form's fields: text as str, an uploaded file as bytes.
@@ -136,7 +119,7 @@ async def read_form(request: Request, allowed: set[str], *, limit: int,
     names it; only urlencoded and multipart bodies are read (else 415).
     """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, limit, deadline)
+    body = await read_bytes(request, limit, deadline)
     pairs: list[tuple[str, str | bytes]] = []
     if kind == "application/x-www-form-urlencoded":
         try:
