@@ -1,16 +1,22 @@
-"""The audit log: a hash chain in the database, written before results go out.
+"""The audit log: hash chains in the database, written before results go out.
 
-Every row carries ``hash = sha256(prev_hash || canonical_json(fields))``, the
-first row chaining from 64 zeros.  Editing, deleting or reordering any row
-breaks the chain at that row, which ``verify()`` reports.  (Cutting rows off
-the *end* leaves a shorter valid chain; exporting the latest hash elsewhere
-is what detects that.)
+The log is made of segments, one per replica (process, ``host:pid``; the
+events written before segments existed are the segment "legacy").  Each
+segment is its own chain: every row carries ``hash = sha256(prev_hash ||
+canonical_json(fields))``, the segment's first row chaining from 64 zeros.
+Editing, deleting or reordering any row breaks its segment's chain at that
+row, which ``verify()`` reports as (segment, seq).  (Cutting rows off the
+*end* of a segment, or dropping a whole segment, leaves valid chains; the
+head, a digest over every segment's length and last hash, exported
+elsewhere and recorded in ``audit_heads``, is what detects that.)
 
-Appends are serialised so the chain never forks: within a process by one
-writer thread, across processes (the daemon and the CLI) by a database lock
-taken inside the appending transaction: ``BEGIN IMMEDIATE`` on SQLite,
-``pg_advisory_xact_lock`` on PostgreSQL.  Under that lock the writer reads
-the last row, then inserts after it.
+Appends to one segment are serialised so it never forks: within a process
+by one writer thread, across processes by a lock on that segment only,
+taken inside the appending transaction: ``BEGIN IMMEDIATE`` on SQLite (one
+host), a per-segment ``pg_advisory_xact_lock`` on PostgreSQL, and the
+primary key (segment, seq) behind both.  A replica stuck in an append (cut
+off from PostgreSQL mid-transaction) holds only its own segment's lock: the
+other replicas go on appending to theirs.
 
 Fail closed: ``record()`` returns only once the event is committed (SQLite
 synchronous=FULL, so on disk).  If it cannot be written, ``record()`` raises
@@ -39,18 +45,22 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, insert, text
+from sqlalchemy import Connection, func, insert, literal, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from keyd.clock import Clock, utc
 from keyd.errors import StoreUnavailable
+from keyd.replica import this_replica
 from keyd.store.db import AUDIT_LOCK, Store, store_error
-from keyd.store.tables import AuditEventRow
+from keyd.store.tables import AuditEventRow, AuditHeadRow
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+LEGACY = "legacy"  # the segment of the events written before segments (migration 0005)
 OUTCOMES = frozenset({"ok", "refused", "error"})
 MAX_BATCH = 2000  # events per group commit
 MAX_DETAIL_STRING = 512  # longer strings are cut: a log is no place for a document
@@ -96,9 +106,21 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class Broken:
+    """The first event where a segment's chain breaks."""
+
+    segment: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.seq} of segment {self.segment}"
+
+
+@dataclass(frozen=True)
 class AuditRecord:
     """One stored event, as read back."""
 
+    segment: str
     seq: int
     at: datetime
     actor: str
@@ -149,7 +171,7 @@ class AuditLog:
         session = self._store.active_session()
         if session is not None:
             try:
-                _append(self._store, session.connection(), [pending.values])
+                _append(self._store, session.connection(), this_replica(), [pending.values])
             except SQLAlchemyError as e:
                 raise store_error(e, f"audit append ({event.action})") from e
             return
@@ -235,7 +257,7 @@ class AuditLog:
             if self._conn is None:
                 self._conn = self._store.connect(write=True)
             with self._conn.begin():
-                _append(self._store, self._conn, [p.values for p in batch])
+                _append(self._store, self._conn, this_replica(), [p.values for p in batch])
         except SQLAlchemyError as e:
             self._disconnect(broken=True)  # a fresh connection for the next batch
             error = str(store_error(e, "audit append"))
@@ -260,13 +282,25 @@ class AuditLog:
 
     # ------------------------------------------------------------------ reading
 
-    def verify(self) -> int | None:
-        """None when the chain is whole, else the seq of the first broken row."""
+    def verify(self) -> Broken | None:
+        """None when every segment's chain is whole, else its first broken event."""
+        with self._store.session("audit verify") as session:
+            segments = [str(s) for s in session.exec(
+                select(col(AuditEventRow.segment)).distinct().order_by(col(AuditEventRow.segment))
+            ).all()]
+        for segment in segments:
+            seq = self._verify_segment(segment)
+            if seq is not None:
+                return Broken(segment, seq)
+        return None
+
+    def _verify_segment(self, segment: str) -> int | None:
         prev, expected, after = GENESIS, 1, 0
         while True:
             with self._store.session("audit verify") as session:
                 rows = session.exec(
                     select(AuditEventRow)
+                    .where(AuditEventRow.segment == segment)
                     .where(col(AuditEventRow.seq) > after)
                     .order_by(col(AuditEventRow.seq))
                     .limit(5000)
@@ -281,15 +315,43 @@ class AuditLog:
                 prev, expected = row.hash, row.seq + 1
             after = rows[-1].seq
 
-    def head(self) -> tuple[int, str]:
-        """``(length, hash of the newest event)``; ``(0, GENESIS)`` when empty."""
+    def segments(self) -> builtins.list[tuple[str, int, str]]:
+        """Every segment's ``(name, length, hash of its newest event)``, sorted."""
+        seg, seq = col(AuditEventRow.segment), col(AuditEventRow.seq)
+        last = (select(seg.label("segment"), func.max(seq).label("seq"))
+                .group_by(seg).subquery())
         with self._store.session("audit head") as session:
-            last = session.exec(
-                select(col(AuditEventRow.seq), col(AuditEventRow.hash))
-                .order_by(col(AuditEventRow.seq).desc())
-                .limit(1)
-            ).first()
-        return (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
+            rows = session.exec(
+                select(seg, seq, col(AuditEventRow.hash))
+                .join(last, (last.c.segment == seg) & (last.c.seq == seq))
+                .order_by(seg)
+            ).all()
+        return [(str(r[0]), int(r[1]), str(r[2])) for r in rows]
+
+    def head(self) -> tuple[int, str]:
+        """``(events, digest over every segment's (name, length, head))``;
+        ``(0, GENESIS)`` when empty.  Recorded in the store, so that
+        ``reaches()`` can check every segment against it later."""
+        segments = self.segments()
+        if not segments:
+            return 0, GENESIS
+        length = sum(n for _, n, _ in segments)
+        digest = _head_digest(segments)
+        values = {"hash": digest, "length": length,
+                  "segments": json.dumps(segments, separators=(",", ":")),
+                  "recorded_at": utc(self._clock.now())}
+        dialect_insert = pg_insert if self._store.dialect == "postgresql" else sqlite_insert
+        statement = dialect_insert(AuditHeadRow).values(**values).on_conflict_do_nothing()
+        session = self._store.active_session()
+        try:
+            if session is not None:
+                session.connection().execute(statement)
+            else:
+                with self._store.session("audit head", write=True) as s:
+                    s.connection().execute(statement)
+        except SQLAlchemyError as e:
+            raise store_error(e, "audit head") from e
+        return length, digest
 
     def checkpoint(self) -> str:
         """Log the head as a checkpoint line (a copy outside the store) and return it."""
@@ -299,21 +361,28 @@ class AuditLog:
         return line
 
     def reaches(self, length: int, digest: str) -> str | None:
-        """None when event ``length`` is still in the chain with hash ``digest``
-        (a head recorded earlier), else why not.  Run ``verify()`` as well: this
-        checks the anchor, ``verify()`` the links up to the current head."""
+        """None when every segment still reaches the length and hash it had
+        at head ``length:digest`` (recorded earlier), else why not.  Run
+        ``verify()`` as well: this checks the anchor, ``verify()`` the links."""
         if length == 0:
             return None if digest == GENESIS else "the head of an empty chain is 64 zeros"
         with self._store.session("audit anchor") as session:
-            row = session.get(AuditEventRow, length)
-            stored = None if row is None else row.hash
-        if stored is None:
-            current, _ = self.head()
-            return (f"the chain has {current} events but reached {length}:{digest[:16]}... "
-                    "before: events were cut off its end")
-        if stored != digest:
-            return (f"event {length} has hash {stored[:16]}..., not the recorded "
-                    f"{digest[:16]}...: the chain was rewritten")
+            recorded = session.get(AuditHeadRow, digest)
+            if recorded is None or recorded.length != length:
+                return ("this store never had that head: it was rewritten "
+                        "or is another store")
+            stored: builtins.list[tuple[str, int, str, str | None]] = []
+            for segment, n, hash_ in json.loads(recorded.segments):
+                row = session.get(AuditEventRow, (segment, n))
+                stored.append((segment, n, hash_, None if row is None else row.hash))
+        current = {name: n for name, n, _ in self.segments()}
+        for segment, n, hash_, now in stored:
+            if now is None:
+                return (f"segment {segment} has {current.get(segment, 0)} events but reached "
+                        f"{n}:{hash_[:16]}... before: events were cut off its end")
+            if now != hash_:
+                return (f"event {n} of segment {segment} has hash {now[:16]}..., not the "
+                        f"recorded {hash_[:16]}...: the chain was rewritten")
         return None
 
     def list(
@@ -325,7 +394,8 @@ class AuditLog:
         actor: str | None = None,
         limit: int = 100,
     ) -> builtins.list[AuditRecord]:
-        """Events in seq order: the first `limit` from `since`, else the latest `limit`."""
+        """Events in (time, segment, seq) order: the first `limit` from `since`,
+        else the latest `limit`."""
         limit = max(1, min(limit, 10_000))
         query = select(AuditEventRow)
         if since is not None:
@@ -336,8 +406,8 @@ class AuditLog:
             query = query.where(AuditEventRow.kid == kid)
         if actor is not None:
             query = query.where(AuditEventRow.actor == actor)
-        seq = col(AuditEventRow.seq)
-        query = query.order_by(seq if since is not None else seq.desc()).limit(limit)
+        order = _ORDER if since is not None else [c.desc() for c in _ORDER]
+        query = query.order_by(*order).limit(limit)
         with self._store.session("audit read") as session:
             rows = builtins.list(session.exec(query).all())
         if since is None:
@@ -347,7 +417,7 @@ class AuditLog:
     def page(
         self,
         *,
-        before: int | None = None,
+        before: tuple[str, int] | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
         action: str | None = None,
@@ -355,11 +425,16 @@ class AuditLog:
         actor: str | None = None,
         limit: int = 50,
     ) -> builtins.list[AuditRecord]:
-        """Newest first: up to `limit` events with seq < `before`, filtered (the console)."""
+        """Newest first, filtered (the console): up to `limit` events older, in
+        (time, segment, seq) order, than the event `before` (segment, seq)."""
         limit = max(1, min(limit, 1000))
         query = select(AuditEventRow)
         if before is not None:
-            query = query.where(col(AuditEventRow.seq) < before)
+            at = (select(col(AuditEventRow.at))
+                  .where(AuditEventRow.segment == before[0], AuditEventRow.seq == before[1])
+                  .scalar_subquery())
+            query = query.where(tuple_(*_ORDER) < tuple_(at, literal(before[0]),
+                                                         literal(before[1])))
         if since is not None:
             query = query.where(col(AuditEventRow.at) >= since)
         if until is not None:
@@ -370,7 +445,7 @@ class AuditLog:
             query = query.where(AuditEventRow.kid == kid)
         if actor is not None:
             query = query.where(AuditEventRow.actor == actor)
-        query = query.order_by(col(AuditEventRow.seq).desc()).limit(limit)
+        query = query.order_by(*[c.desc() for c in _ORDER]).limit(limit)
         with self._store.session("audit read") as session:
             return [_record(r) for r in session.exec(query).all()]
 
@@ -378,15 +453,28 @@ class AuditLog:
 # ---------------------------------------------------------------------- the chain
 
 
-def _append(store: Store, conn: Connection, events: builtins.list[dict[str, Any]]) -> None:
-    """Link `events` after the last row, inside `conn`'s transaction."""
+_ORDER = (col(AuditEventRow.at), col(AuditEventRow.segment), col(AuditEventRow.seq))
+
+
+def _head_digest(segments: builtins.list[tuple[str, int, str]]) -> str:
+    body = json.dumps(sorted(segments), ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _append(
+    store: Store, conn: Connection, segment: str, events: builtins.list[dict[str, Any]]
+) -> None:
+    """Link `events` after the last row of `segment`, inside `conn`'s transaction."""
     if store.dialect == "postgresql":
-        # Held to the end of the transaction: one appender at a time, in
-        # every process.  (SQLite: the session began with BEGIN IMMEDIATE,
-        # or already holds the write lock through the caller's writes.)
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
+        # Held to the end of the transaction: one appender at a time on this
+        # segment, in every process; other segments append meanwhile.
+        # (SQLite: the session began with BEGIN IMMEDIATE, or already holds
+        # the write lock through the caller's writes.)
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:s, :k))"),
+                     {"s": segment, "k": AUDIT_LOCK})
     last = conn.execute(
         select(col(AuditEventRow.seq), col(AuditEventRow.hash))
+        .where(AuditEventRow.segment == segment)
         .order_by(col(AuditEventRow.seq).desc())
         .limit(1)
     ).first()
@@ -394,14 +482,16 @@ def _append(store: Store, conn: Connection, events: builtins.list[dict[str, Any]
     rows = []
     for values in events:
         seq += 1
-        digest = _chain_hash(prev, seq, **values)
-        rows.append({**values, "seq": seq, "prev_hash": prev, "hash": digest})
+        digest = _chain_hash(prev, segment, seq, **values)
+        rows.append({**values, "segment": segment, "seq": seq, "prev_hash": prev,
+                     "hash": digest})
         prev = digest
     conn.execute(insert(AuditEventRow), rows)
 
 
 def _chain_hash(
     prev_hash: str,
+    segment: str,
     seq: int,
     *,
     at: datetime,
@@ -415,8 +505,11 @@ def _chain_hash(
 ) -> str:
     # A JSON array has one encoding here (fixed order, no spaces, ASCII), and
     # the detail goes in as the exact stored text, so any edit changes the hash.
+    # The segment's name is covered too (not for the legacy chain, hashed
+    # before segments existed): events cannot move between segments.
+    name = [] if segment == LEGACY else [segment]
     body = json.dumps(
-        [seq, utc(at).isoformat(timespec="microseconds"), actor, action, kid, purpose,
+        [*name, seq, utc(at).isoformat(timespec="microseconds"), actor, action, kid, purpose,
          outcome, detail, payload_hash],
         ensure_ascii=True,
         separators=(",", ":"),
@@ -426,8 +519,8 @@ def _chain_hash(
 
 def _hash_row(row: AuditEventRow) -> str:
     return _chain_hash(
-        row.prev_hash, row.seq, at=row.at, actor=row.actor, action=row.action, kid=row.kid,
-        purpose=row.purpose, outcome=row.outcome, detail=row.detail,
+        row.prev_hash, row.segment, row.seq, at=row.at, actor=row.actor, action=row.action,
+        kid=row.kid, purpose=row.purpose, outcome=row.outcome, detail=row.detail,
         payload_hash=row.payload_hash,
     )
 
@@ -435,8 +528,8 @@ def _hash_row(row: AuditEventRow) -> str:
 def _record(row: AuditEventRow) -> AuditRecord:
     detail = json.loads(row.detail)
     return AuditRecord(
-        seq=row.seq, at=row.at, actor=row.actor, action=row.action, kid=row.kid,
-        purpose=row.purpose, outcome=row.outcome,
+        segment=row.segment, seq=row.seq, at=row.at, actor=row.actor, action=row.action,
+        kid=row.kid, purpose=row.purpose, outcome=row.outcome,
         detail=detail if isinstance(detail, dict) else {"value": detail},
         payload_hash=row.payload_hash, prev_hash=row.prev_hash, hash=row.hash,
     )

@@ -410,8 +410,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             return
         rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
     records = [{
-        "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor, "action": row.action,
-        "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
+        "segment": row.segment, "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor,
+        "action": row.action, "kid": row.kid, "outcome": row.outcome, "detail": row.detail,
     } for row in rows]
     if args.json:
         print(json.dumps(records, indent=2))

@@ -8,6 +8,8 @@ it while requests run::
         client = make_client(proxy.addr)      # http://127.0.0.1:<port 0 pick>
         proxy.refuse()                        # every connection reset
         proxy.delay(5.0)                      # client bytes held 5 s each
+        proxy.black_hole()                    # nothing forwarded, nothing closed
+        proxy.black_hole(after=b"...")        # the same, once a client chunk has it
         proxy.pass_through()                  # back to normal
 
 Switching modes cuts every open connection, so a client's pooled keep-alive
@@ -30,6 +32,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._mode = "pass"
         self._delay = 0.0
+        self._trigger = b""
+        self.holed = threading.Event()  # set when the black hole opened
+        self._held: list[socket.socket] = []  # accepted in the black hole, never served
         self._conns: set[socket.socket] = set()
         self._closed = threading.Event()
         self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
@@ -52,6 +57,18 @@ class TcpProxy:
         """Hold each chunk the client sends for ``seconds`` before forwarding it."""
         self._switch("delay", seconds)
 
+    def black_hole(self, *, after: bytes | None = None) -> None:
+        """Stop forwarding, both ways, without closing anything (like a
+        firewall dropping packets): peers wait until their own timeouts.
+        ``after``: only once a client chunk containing it has been forwarded
+        (a statement that reached the server, whose answer never comes back)."""
+        with self._lock:
+            if after is None:
+                self._mode = "hole"
+                self.holed.set()
+            else:
+                self._mode, self._trigger = "hole-after", after
+
     def _switch(self, mode: str, delay: float) -> None:
         with self._lock:
             self._mode, self._delay = mode, delay
@@ -71,6 +88,10 @@ class TcpProxy:
                 mode = self._mode
             if mode == "refuse":
                 _reset(client)
+                continue
+            if mode == "hole":
+                with self._lock:
+                    self._held.append(client)
                 continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
@@ -95,6 +116,12 @@ class TcpProxy:
                     # Event.wait, not sleep: close() ends the wait at once.
                     if delay and self._closed.wait(delay):
                         break
+                with self._lock:
+                    if self._mode == "hole":
+                        continue  # dropped
+                    if from_client and self._mode == "hole-after" and self._trigger in chunk:
+                        self._mode = "hole"
+                        self.holed.set()
                 dst.sendall(chunk)
         except OSError:
             pass  # the other side went away or the proxy cut the connection
@@ -114,6 +141,10 @@ class TcpProxy:
         self._listener.close()
         self._accepter.join(timeout=5)
         self._switch("refuse", 0.0)
+        with self._lock:
+            held, self._held = self._held, []
+        for sock in held:
+            _reset(sock)
 
     def __enter__(self) -> TcpProxy:
         return self

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import text
 
-from keyd.audit import GENESIS, AuditEvent, AuditLog, payload_hash
+from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, _append, payload_hash
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
-from keyd.store.db import Store
+from keyd.replica import this_replica
+from keyd.store.db import Store, migrations_dir
 from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -50,6 +53,16 @@ def _event(n: int = 0, **kw: object) -> AuditEvent:
 def _raw(store: Store, sql: str) -> None:
     with store.engine.begin() as conn:
         conn.execute(text(sql))
+
+
+def _chains(store: Store) -> dict[str, list[int]]:
+    chains: dict[str, list[int]] = {}
+    with store.engine.connect() as conn:
+        for segment, seq in conn.execute(
+            text("SELECT segment, seq FROM audit_events ORDER BY segment, seq")
+        ):
+            chains.setdefault(segment, []).append(seq)
+    return chains
 
 
 def _seqs(store: Store) -> list[int]:
@@ -88,7 +101,7 @@ def test_editing_one_row_is_reported_at_exactly_that_row(
     for n in range(5):
         log.record(_event(n))
     _raw(store, f"UPDATE audit_events SET {edit} WHERE seq = 3")  # noqa: S608 - fixed test edits
-    assert log.verify() == 3
+    assert log.verify() == Broken(this_replica(), 3)
 
 
 def test_moving_an_event_in_time_is_detected(
@@ -102,7 +115,7 @@ def test_moving_an_event_in_time_is_detected(
             text("UPDATE audit_events SET at = :at WHERE seq = 2"),
             {"at": T0 - timedelta(days=1)},
         )
-    assert log.verify() == 2
+    assert log.verify() == Broken(this_replica(), 2)
 
 
 def test_deleting_a_middle_row_is_detected_at_the_row_after_it(
@@ -111,14 +124,14 @@ def test_deleting_a_middle_row_is_detected_at_the_row_after_it(
     for n in range(5):
         log.record(_event(n))
     _raw(store, "DELETE FROM audit_events WHERE seq = 3")
-    assert log.verify() == 4
+    assert log.verify() == Broken(this_replica(), 4)
 
 
 def test_deleting_the_first_row_is_detected(log: AuditLog, store: Store) -> None:
     for n in range(3):
         log.record(_event(n))
     _raw(store, "DELETE FROM audit_events WHERE seq = 1")
-    assert log.verify() == 2
+    assert log.verify() == Broken(this_replica(), 2)
 
 
 def test_eight_threads_of_200_events_keep_one_contiguous_chain(
@@ -171,7 +184,7 @@ CHILD = textwrap.dedent(
     import sys
     from keyd.audit import AuditEvent, AuditLog
     from keyd.clock import SystemClock
-    from keyd.store.db import Store
+    from keyd.store.db import Store, migrations_dir
     store = Store(sys.argv[1])
     log = AuditLog(store, SystemClock())
     print("ready", flush=True)
@@ -198,7 +211,10 @@ def test_a_second_process_appending_at_the_same_time_keeps_the_chain_whole(
         for n in range(300):  # while the child appends too
             log.record(_event(n))
         assert child.wait(timeout=120) == 0
-    assert _seqs(store) == list(range(1, 601))
+    # Each process appends to its own segment, each one whole chain.
+    chains = _chains(store)
+    assert len(chains) == 2 and this_replica() in chains
+    assert all(seqs == list(range(1, 301)) for seqs in chains.values())
     assert log.verify() is None
     actors = {r.actor for r in log.list(limit=600)}
     assert actors == {"cli", "consent-svc"}
@@ -332,3 +348,81 @@ def test_a_closed_log_refuses_to_record(store: Store, clock: SettableClock) -> N
 
 def test_payload_hash_is_hex_sha256() -> None:
     assert payload_hash(b"abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+def _legacy_hash(prev: str, seq: int, at: datetime, n: int) -> str:
+    """The hash as the code before segments computed it (migration 0004's chain)."""
+    body = (f'[{seq},"{at.isoformat(timespec="microseconds")}","svc","sign.jws",'
+            f'null,null,"ok","{{\\"n\\":{n}}}",null]')
+    return hashlib.sha256((prev + body).encode()).hexdigest()
+
+
+def test_migration_0005_keeps_the_old_chain_as_the_legacy_segment(
+        store_url: str, clock: SettableClock) -> None:
+    store = Store(store_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_dir()))
+        with store.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0004")
+            prev = GENESIS
+            for seq in (1, 2, 3):
+                at = T0 + timedelta(seconds=seq)
+                digest = _legacy_hash(prev, seq, at, seq)
+                conn.execute(text(
+                    "INSERT INTO audit_events (seq, at, actor, action, outcome, detail, "
+                    "prev_hash, hash) VALUES (:seq, :at, 'svc', 'sign.jws', 'ok', :detail, "
+                    ":prev, :hash)"), {"seq": seq, "at": at, "detail": f'{{"n":{seq}}}',
+                                       "prev": prev, "hash": digest})
+                prev = digest
+        store.migrate()
+        log = AuditLog(store, clock)
+        try:
+            assert [(r.segment, r.seq) for r in log.list()] == [("legacy", n) for n in (1, 2, 3)]
+            assert log.verify() is None
+            clock.advance(timedelta(minutes=1))
+            log.record(_event(1))
+            assert [(r.segment, r.seq) for r in log.list()][-1] == (this_replica(), 1)
+            assert log.verify() is None
+            anchor = log.head()
+            assert anchor[0] == 4 and log.reaches(*anchor) is None
+            _raw(store, "UPDATE audit_events SET actor = 'mallory' "
+                        "WHERE segment = 'legacy' AND seq = 2")
+            assert log.verify() == Broken("legacy", 2)
+            why = log.reaches(*anchor)
+            assert why is None  # the anchor's events are untouched: verify() names the edit
+        finally:
+            log.close()
+    finally:
+        store.close()
+
+
+def test_an_unknown_head_is_refused_and_every_segment_is_checked(
+        log: AuditLog, store: Store, store_url: str, clock: SettableClock) -> None:
+    other_store = Store(store_url)
+    other = AuditLog(other_store, clock)
+    try:
+        for n in range(3):
+            log.record(_event(n))
+        # Another segment: as if another replica (here: a name of our own) appended.
+        with store.engine.begin() as conn:
+            _append(store, conn, "replica-b:1", [log._prepare(_event(n)) for n in range(4)])
+        length, digest = log.head()
+        assert length == 7 and other.head() == (length, digest)
+        assert log.reaches(length, digest) is None
+        assert log.reaches(length, "f" * 64) == (
+            "this store never had that head: it was rewritten or is another store")
+        assert log.reaches(length + 1, digest) is not None
+        _raw(store, "DELETE FROM audit_events WHERE segment = 'replica-b:1' AND seq > 2")
+        assert log.verify() is None  # what is left of each segment still links up
+        why = log.reaches(length, digest)
+        assert why is not None and "segment replica-b:1 has 2 events" in why and "cut off" in why
+        [(segment, seq)] = [(r.segment, r.seq) for r in log.page(limit=1)]
+        # One instant for all (the clock stands still): newest by segment, then seq.
+        assert (segment, seq) == max((this_replica(), 3), ("replica-b:1", 2))
+        older = log.page(before=(segment, seq), limit=100)
+        assert len(older) == 4 and (segment, seq) not in {(r.segment, r.seq) for r in older}
+    finally:
+        other.close()
+        other_store.close()

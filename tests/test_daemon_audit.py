@@ -52,13 +52,16 @@ def test_editing_one_audit_row_makes_audit_verify_fail_and_name_it(tmp_path: Pat
     assert keyd(daemon.config, "audit", "verify").returncode == 0
     db = sqlite3.connect(tmp_path / "var" / "keyd.db")
     with db:
-        seq = db.execute("SELECT seq FROM audit_events WHERE action = 'sign.jws' "
-                         "ORDER BY seq LIMIT 1 OFFSET 1").fetchone()[0]
-        db.execute("UPDATE audit_events SET actor = 'someone-else' WHERE seq = ?", (seq,))
+        segment, seq = db.execute(
+            "SELECT segment, seq FROM audit_events WHERE action = 'sign.jws' "
+            "ORDER BY seq LIMIT 1 OFFSET 1").fetchone()
+        db.execute("UPDATE audit_events SET actor = 'someone-else' "
+                   "WHERE segment = ? AND seq = ?", (segment, seq))
     db.close()
     result = keyd(daemon.config, "audit", "verify", check=False)
     assert result.returncode == 1
-    assert result.stderr == f"keyd: error: audit chain broken at event {seq}\n"
+    assert result.stderr == (
+        f"keyd: error: audit chain broken at event {seq} of segment {segment}\n")
 
 
 def test_decrypt_and_rotation_fail_closed_while_the_store_is_locked(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_migration_0002_repairs_a_store_the_old_code_left_with_surplus_keys(
         with store.session() as s:
             state = {k.id: k.state for k in queries.all_keys(s)}
             version = s.connection().execute(text("SELECT version_num FROM alembic_version"))
-            assert version.scalar_one() == "0004"
+            assert version.scalar_one() == "0005"
         # The pending key published longest stays; the others keep decrypting as retired.
         assert state == {"p0": "pending", "p1": "retired", "p2": "retired", "w0": "revoked",
                          "a0": "retired", "a1": "active"}

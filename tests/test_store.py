@@ -21,7 +21,8 @@ from tests.fixtures.postgres import read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KL = timezone(timedelta(hours=8))  # Kuala Lumpur: an aware, non-UTC zone
-TABLES = {"key_versions", "certificates", "clients", "audit_events", "seen_jti", "alerts_sent",
+TABLES = {"key_versions", "certificates", "clients", "audit_events", "audit_heads", "seen_jti",
+          "alerts_sent",
           "key_intents", "leases", "replicas", "deployment"}
 
 
@@ -53,7 +54,7 @@ def test_migrate_twice_creates_every_table_and_changes_nothing_the_second_time(
         with store.engine.connect() as conn:
             assert TABLES <= set(inspect(conn).get_table_names())
             version = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        assert version == [("0004",)]
+        assert version == [("0005",)]
     finally:
         store.close()
 

@@ -71,10 +71,11 @@ async def audit(
     filters = {k: query.get(k, "").strip()[:256] for k in ("actor", "action", "kid")}
     since = _parse_time(query.get("since", ""), "since")
     until = _parse_time(query.get("until", ""), "until")
-    before_text = query.get("before", "")
-    if before_text and not before_text.isdigit():
-        raise BadRequest("before must be an event number")
-    before = int(before_text) if before_text else None
+    # An event: "SEQ@SEGMENT" (a segment is a replica's host:pid).
+    seq_text, _, segment = query.get("before", "").partition("@")
+    if (seq_text or segment) and not (seq_text.isdigit() and segment):
+        raise BadRequest("before must be an event (SEQ@SEGMENT)")
+    before = (segment, int(seq_text)) if seq_text else None
 
     def read() -> dict[str, Any]:
         events = console.service.audit.page(
@@ -90,7 +91,7 @@ async def audit(
     older = None
     if data["more"]:
         params = {**filters, "since": query.get("since", ""), "until": query.get("until", ""),
-                  "before": str(data["events"][-1].seq)}
+                  "before": "{0.seq}@{0.segment}".format(data["events"][-1])}
         older = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items() if v)
     return console.render(request, "audit.html", session=session, caller=caller,
                           filters=filters, since=query.get("since", ""),

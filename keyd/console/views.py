@@ -269,12 +269,15 @@ class ClientRow:
 def clients(service: KeyService) -> list[ClientRow]:
     infos = service.clients()
     with service.store.session("console read") as session:
-        newest = session.exec(select(func.max(AuditEventRow.seq))).one() or 0
+        # The newest events only (any segment): a bounded read.
+        recent = (select(col(AuditEventRow.actor).label("actor"),
+                         col(AuditEventRow.at).label("at"))
+                  .order_by(col(AuditEventRow.at).desc())
+                  .limit(LAST_USED_WINDOW).subquery())
         seen = dict(session.exec(
-            select(AuditEventRow.actor, func.max(AuditEventRow.at))
-            .where(col(AuditEventRow.seq) > newest - LAST_USED_WINDOW)
-            .where(col(AuditEventRow.actor).in_([c.name for c in infos]))
-            .group_by(col(AuditEventRow.actor))
+            select(recent.c.actor, func.max(recent.c.at))
+            .where(recent.c.actor.in_([c.name for c in infos]))
+            .group_by(recent.c.actor)
         ).all())
     return [ClientRow(c, _utc(seen.get(c.name))) for c in infos]
 

@@ -134,8 +134,10 @@ class AuditEventRow(SQLModel, table=True):
 
     __tablename__ = "audit_events"
 
-    # Assigned by the chain writer under the database lock, not by the
-    # database: the row's hash covers its seq, so it must be known up front.
+    # One hash chain per segment (a replica; "legacy" for the events written
+    # before segments).  seq is assigned by the segment's writer, not by the
+    # database: the row's hash covers it, so it must be known up front.
+    segment: str = Field(primary_key=True)
     seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     at: datetime = Field(sa_type=UTCDateTime, index=True)
     actor: str
@@ -147,6 +149,17 @@ class AuditEventRow(SQLModel, table=True):
     payload_hash: str | None = Field(default=None)
     prev_hash: str
     hash: str
+
+
+class AuditHeadRow(SQLModel, table=True):
+    """A head once printed or checkpointed: what ``verify --expect`` checks."""
+
+    __tablename__ = "audit_heads"
+
+    hash: str = Field(primary_key=True)
+    length: int
+    segments: str = Field(sa_type=Text)  # JSON [[segment, length, head], ...], sorted
+    recorded_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class SeenJti(SQLModel, table=True):
