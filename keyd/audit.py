@@ -50,6 +50,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from keyd.clock import Clock, utc
 from keyd.errors import StoreUnavailable
@@ -397,15 +398,8 @@ class AuditLog:
         """Events in (time, segment, seq) order: the first `limit` from `since`,
         else the latest `limit`."""
         limit = max(1, min(limit, 10_000))
-        query = select(AuditEventRow)
-        if since is not None:
-            query = query.where(col(AuditEventRow.at) >= since)
-        if action is not None:
-            query = query.where(AuditEventRow.action == action)
-        if kid is not None:
-            query = query.where(AuditEventRow.kid == kid)
-        if actor is not None:
-            query = query.where(AuditEventRow.actor == actor)
+        query = _filtered(select(AuditEventRow), since=since, until=None, action=action,
+                          kid=kid, actor=actor)
         order = _ORDER if since is not None else [c.desc() for c in _ORDER]
         query = query.order_by(*order).limit(limit)
         with self._store.session("audit read") as session:
@@ -435,16 +429,8 @@ class AuditLog:
                   .scalar_subquery())
             query = query.where(tuple_(*_ORDER) < tuple_(at, literal(before[0]),
                                                          literal(before[1])))
-        if since is not None:
-            query = query.where(col(AuditEventRow.at) >= since)
-        if until is not None:
-            query = query.where(col(AuditEventRow.at) < until)
-        if action is not None:
-            query = query.where(AuditEventRow.action == action)
-        if kid is not None:
-            query = query.where(AuditEventRow.kid == kid)
-        if actor is not None:
-            query = query.where(AuditEventRow.actor == actor)
+        query = _filtered(query, since=since, until=until, action=action, kid=kid,
+                          actor=actor)
         query = query.order_by(*[c.desc() for c in _ORDER]).limit(limit)
         with self._store.session("audit read") as session:
             return [_record(r) for r in session.exec(query).all()]
@@ -454,6 +440,23 @@ class AuditLog:
 
 
 _ORDER = (col(AuditEventRow.at), col(AuditEventRow.segment), col(AuditEventRow.seq))
+
+
+def _filtered(query: SelectOfScalar[AuditEventRow], *, since: datetime | None,
+              until: datetime | None, action: str | None, kid: str | None,
+              actor: str | None) -> SelectOfScalar[AuditEventRow]:
+    """``query`` narrowed to events in [since, until) matching the given fields."""
+    if since is not None:
+        query = query.where(col(AuditEventRow.at) >= since)
+    if until is not None:
+        query = query.where(col(AuditEventRow.at) < until)
+    if action is not None:
+        query = query.where(AuditEventRow.action == action)
+    if kid is not None:
+        query = query.where(AuditEventRow.kid == kid)
+    if actor is not None:
+        query = query.where(AuditEventRow.actor == actor)
+    return query
 
 
 def _head_digest(segments: builtins.list[tuple[str, int, str]]) -> str:
