@@ -195,23 +195,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _serve_one(args: argparse.Namespace, listeners: Listeners, worker: Worker | None) -> None:
     """One serving process: the service, its lease, the scheduler, the listeners."""
-    from keyd import deployment
     from keyd.api.server import serve
     from keyd.jobs import Jobs
-    from keyd.lease import Lease
     from keyd.scheduler import Scheduler
 
     with _service(args, require_backend=False) as service:
         settings = service.settings
-        deployment.check_clock(service.store, service.clock)
+        service.check_clock()
         try:
             service.init()
         except BackendUnavailable as e:
             # Keys already exist (or cannot be made now): serve what the store has.
             logging.getLogger("keyd").warning("init skipped: %s", e.detail)
-        lease = Lease(service.store, settings.scheduler.lease, clock=service.clock,
-                      endpoint=listeners[1].get("api") or listeners[1].get("socket"))
-        service.lease = lease
+        lease = service.start_lease(settings.scheduler.lease,
+                                    listeners[1].get("api") or listeners[1].get("socket"))
         jobs = Jobs(service)
         scheduler = Scheduler(jobs, lease)
         # The leader (one among all replicas and workers) runs the lifecycle
@@ -260,10 +257,9 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 def cmd_alerts(args: argparse.Namespace) -> None:
     from keyd.alerts import Alert
-    from keyd.jobs import make_alerter
 
     with _service(args) as service:
-        failed = make_alerter(service).send(Alert(
+        failed = service.alerter().send(Alert(
             subject="test", title="keyd test alert", severity="info",
             text="A test alert sent by `keyd alerts test`: this channel works."))
     if failed:
@@ -395,20 +391,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
             raise KeydError(f"--expect: {e}") from None
     with _service(args) as service:
         if args.audit_command == "head":
-            length, digest = service.audit.head()
+            length, digest = service.audit_head()
             print(f"{length}:{digest}")
             return
         if args.audit_command == "verify":
-            broken = service.audit.verify()
+            broken = service.audit_verify()
             if broken is not None:
                 raise KeydError(f"audit chain broken at event {broken}")
-            if expected is not None and (why := service.audit.reaches(*expected)) is not None:
+            if expected is not None and (why := service.audit_reaches(*expected)) is not None:
                 raise KeydError(f"audit chain does not reach {args.expect.strip()}: {why}")
-            length, digest = service.audit.head()
+            length, digest = service.audit_head()
             print(f"audit chain intact: {length} events, head {digest}"
                   + ("" if expected is None else f", reaches {expected[0]}:{expected[1]}"))
             return
-        rows = service.audit.list(action=args.action, kid=args.kid, limit=args.limit)
+        rows = service.audit_events(action=args.action, kid=args.kid, limit=args.limit)
     records = [{
         "segment": row.segment, "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor,
         "action": row.action, "kid": row.kid, "outcome": row.outcome, "detail": row.detail,

@@ -18,17 +18,16 @@ from datetime import datetime, timedelta
 
 from cryptography import x509 as cx509
 
-from keyd import deploy, jose, lifecycle, x509
+from keyd import deploy, lifecycle, x509
 from keyd.alerts import Alert, Alerter
 from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.errors import KeydError, RotationUnderWay
 from keyd.lifecycle import Step
 from keyd.metrics import LIFECYCLE
-from keyd.model import KeyState, Mode, Purpose, SignScheme
+from keyd.model import KeyState, Mode, Purpose
 from keyd.replica import known_dead
 from keyd.service import KeyService
-from keyd.store import queries
 from keyd.store.tables import KeyIntent
 
 log = logging.getLogger("keyd.jobs")
@@ -48,29 +47,10 @@ class Report:
         self.errors.extend(other.errors)
 
 
-def make_alerter(service: KeyService) -> Alerter:
-    """An Alerter whose webhook bodies are signed by keyd's active signing key."""
-
-    def sign(body: bytes) -> str | None:
-        try:
-            key = service.active_key(Purpose.SIGNING)
-        except KeydError:
-            return None
-        token = jose.sign_jws(
-            lambda data: service.backend.sign(key.ref, data, SignScheme.PSS_SHA256),
-            key.kid, body, detached=True,
-        )
-        service.audit.record(AuditEvent(actor="alerts", action="sign.alert", kid=key.kid,
-                                        purpose=Purpose.SIGNING.value))
-        return token
-
-    return Alerter(service.settings, service.store, service.clock, sign, audit=service.audit)
-
-
 class Jobs:
     def __init__(self, service: KeyService, alerter: Alerter | None = None) -> None:
         self.service = service
-        self.alerter = alerter or make_alerter(service)
+        self.alerter = alerter or service.alerter()
         self._lock = threading.Lock()  # one run at a time in this process
 
     # ------------------------------------------------------------------ entry
@@ -130,7 +110,7 @@ class Jobs:
         service = self.service
         if action.step is Step.CREATE:
             try:
-                info = service.create_key(purpose, actor=ACTOR, activate=False)
+                info = service.create_key(purpose, actor=ACTOR)
             except RotationUnderWay as e:
                 log.info("rotation of %s: %s", purpose.value, e.detail)  # another did it
                 return False
@@ -218,10 +198,8 @@ class Jobs:
                 continue  # a key another process is making right now
             if row is None or row[1] not in lifecycle.LIVE_STATES:
                 try:
-                    service.backend.destroy(ref)
                     what = "orphan" if row is None else f"{row[1].value} key {row[0]}"
-                    service.audit.record(AuditEvent(actor=ACTOR, action="key.erase",
-                                                    detail={"ref": ref, "was": what}))
+                    service.erase_backend_key(ref, actor=ACTOR, was=what)
                     report.done.append(f"erased {what} {ref}")
                 except KeydError as e:
                     report.errors.append(f"erase {ref}: {e.detail}")
@@ -230,7 +208,7 @@ class Jobs:
         if lost:
             # A key made after the first listing and stored before the store was
             # read looks lost; a second listing, after the read, shows it.
-            lost -= set(service.backend.list_refs())
+            lost -= service.held_refs()
         for ref, (key_id, state) in sorted(known.items()):
             if ref in lost:
                 # The backend lost a key the store relies on: it can neither sign
@@ -256,26 +234,17 @@ class Jobs:
         target = service.settings.deploy
         if target.cert_path is None or Purpose.TRANSPORT not in service.settings.enabled_purposes():
             return report
-        with service.store.session("deploy read") as session:
-            active = queries.keys_by_state(session, Purpose.TRANSPORT.value, [KeyState.ACTIVE])
-            if not active or active[0].kid is None:
-                return report
-            key = active[0]
-            cert = queries.current_certificate(session, key.id)
-        if cert is None:
+        key = service.transport_key()
+        if key is None:
             return report
         try:
-            key_pem = (service.backend.export_private_key_pem(key.backend_ref)
-                       if key.exportable and service.backend.capabilities.exports_private_keys
-                       else None)
-            assert key.kid is not None
-            material = deploy.Material(key.kid, cert.chain_pem.encode(), key_pem)
+            material = service.transport_material(key)
             if not deploy.needed(target, material):
                 return report
             deploy.deploy(target, material)
-            service.audit.record(AuditEvent(actor=ACTOR, action="transport.deploy", kid=key.kid,
-                                            purpose=Purpose.TRANSPORT.value,
-                                            detail={"path": str(target.cert_path)}))
+            service.record(AuditEvent(actor=ACTOR, action="transport.deploy", kid=key.kid,
+                                      purpose=Purpose.TRANSPORT.value,
+                                      detail={"path": str(target.cert_path)}))
             report.done.append(f"deployed transport key {key.kid}")
         except KeydError as e:
             report.errors.append(f"deploy: {e.detail}")
@@ -325,7 +294,7 @@ class Jobs:
     def checkpoint_audit(self) -> Report:
         """Log the audit chain's head, so a copy lives outside the store (the
         journal, a log shipper): `keyd audit verify --expect` checks against it."""
-        self.service.audit.checkpoint()
+        self.service.checkpoint_audit()
         return Report()  # nothing changed: a checkpoint is a log line
 
     # ------------------------------------------------------------------ expiries
@@ -337,15 +306,9 @@ class Jobs:
         service = self.service
         now = service.clock.now()
         subjects: list[tuple[str, str, datetime, str]] = []  # (subject, what, not_after, purpose)
-        with service.store.session("expiry read") as session:
-            for key in queries.published_keys(session):
-                if KeyState(key.state) is KeyState.RETIRED:
-                    continue  # on its way out: nothing for an admin to do
-                cert = queries.current_certificate(session, key.id)
-                if cert is not None:
-                    subjects.append((f"certificate:{cert.thumbprint_s256}",
-                                     f"{key.purpose} key {key.kid}", utc(cert.not_after),
-                                     key.purpose))
+        for cert in service.certificate_expiries():
+            subjects.append((f"certificate:{cert.thumbprint_s256}",
+                             f"{cert.purpose} key {cert.kid}", cert.not_after, cert.purpose))
         for name, issuer in service.issuers.items():
             for leaf in issuer.certificates():
                 subjects.append(_issuer_subject(name, leaf))

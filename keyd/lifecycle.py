@@ -138,7 +138,7 @@ def plan(keys: list[KeyTimes], life: LifecycleSettings, now: datetime) -> list[A
             actions.append(Action(Step.AWAIT_CERTIFICATE, awaiting[-1].id, "rotation"))
 
     for key in by_state[S.RETIRED]:
-        if key.destroy_after is not None and key.destroy_after <= now:
+        if destroy_due(key, now):
             actions.append(Action(Step.DESTROY, key.id, f"overlap ended {_iso(key.destroy_after)}"))
     return actions
 
@@ -162,6 +162,18 @@ def next_event(keys: list[KeyTimes], life: LifecycleSettings) -> datetime | None
 def retire_times(now: datetime, life: LifecycleSettings) -> tuple[datetime, datetime]:
     """(retired_at, destroy_after) for a key retired at ``now``."""
     return now, now + life.overlap
+
+
+def destroy_due(key: KeyTimes, now: datetime) -> bool:
+    """Is ``key`` a retired key whose overlap has ended?"""
+    return key.state is S.RETIRED and key.destroy_after is not None and key.destroy_after <= now
+
+
+def state_with_certificate(has_active: bool) -> KeyState:
+    """The state a key awaiting its certificate moves to once it has one: active
+    when its purpose has no active key (nothing could sign otherwise), else
+    pending, to be activated after ``prepublish``."""
+    return S.PENDING if has_active else S.ACTIVE
 
 
 def _activation_order(key: KeyTimes) -> tuple[datetime, str]:

@@ -29,7 +29,6 @@ from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 
-from keyd.backends.base import RenewsCredentials
 from keyd.errors import KeydError
 from keyd.jobs import Jobs, Report
 from keyd.lease import Lease
@@ -50,18 +49,15 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._loop_thread: threading.Thread | None = None
-        backend = jobs.service.backend
-        if isinstance(backend, RenewsCredentials):
+        if jobs.service.renews_credentials():
             renew_every = jobs.service.settings.scheduler.renew_interval
             self._scheduler.add_job(self.renew, "interval",
                                     seconds=renew_every.total_seconds(), id="renew")
 
     def renew(self) -> None:
         """Keep the backend's login alive; a failure is logged and retried next time."""
-        backend = self.jobs.service.backend
-        assert isinstance(backend, RenewsCredentials)
         try:
-            backend.renew()
+            self.jobs.service.renew_credentials()
         except KeydError as e:
             log.warning("backend credential renewal failed: %s", e.detail)
 

@@ -24,10 +24,9 @@ from keyd.errors import (
     NotFound,
 )
 from keyd.issuers import IssuerKeys
-from keyd.model import OaepHash, Purpose, SignScheme
+from keyd.model import Purpose
 from keyd.policy import Operation
 from keyd.service import Caller, KeyService, UsableKey
-from keyd.store import queries
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -60,17 +59,9 @@ class TokenService:
 
     # ------------------------------------------------------------------ signing
 
-    def _signer(self, key: UsableKey) -> jose.Signer:
-        backend = self.keys.backend
-
-        def sign(data: bytes) -> bytes:
-            return backend.sign(key.ref, data, SignScheme.PSS_SHA256)
-
-        return sign
-
     def _audit(self, caller: Caller, action: str, key: UsableKey | None, data: bytes | None,
                **detail: Any) -> None:
-        self.keys.audit.record(
+        self.keys.record(
             AuditEvent(
                 actor=caller.name,
                 action=action,
@@ -88,7 +79,7 @@ class TokenService:
         here: the refusal itself already changed nothing.
         """
         try:
-            self.keys.audit.record(
+            self.keys.record(
                 AuditEvent(actor="unauthenticated" if caller is None else caller.name,
                            action=action, outcome="refused",
                            detail={"error": error.code, "status": error.status})
@@ -116,9 +107,9 @@ class TokenService:
             caller.policy.require_scope(header, "the header's")
         if claims_in_header:
             caller.policy.require_client_id(self.settings.keyd.client_id)
-        key = self.keys.active_key(Purpose.SIGNING)
+        key, signer = self.keys.active_signer()
         token = jose.sign_jws(
-            self._signer(key), key.kid, payload, extra_header=header, detached=detached,
+            signer, key.kid, payload, extra_header=header, detached=detached,
             claims_in_header=claims_in_header, iss=self.settings.keyd.client_id,
             now=self.clock.now(),
         )
@@ -132,8 +123,8 @@ class TokenService:
         # its audiences.  keyd adds exp, so iss = sub with an aud is a client
         # assertion and needs that operation.
         caller.policy.require_signable({"exp": 0, **claims}, "claim")
-        key = self.keys.active_key(Purpose.SIGNING)
-        token = jose.sign_jwt(self._signer(key), key.kid, claims, ttl=ttl, now=self.clock.now())
+        key, signer = self.keys.active_signer()
+        token = jose.sign_jwt(signer, key.kid, claims, ttl=ttl, now=self.clock.now())
         self._audit(caller, "sign.jwt", key, json.dumps(claims, sort_keys=True).encode())
         return Signed(token, key.kid)
 
@@ -142,9 +133,9 @@ class TokenService:
         client_id = client_id or self.settings.keyd.client_id
         caller.policy.require_client_id(client_id)
         caller.policy.require_audience(audience)
-        key = self.keys.active_key(Purpose.SIGNING)
+        key, signer = self.keys.active_signer()
         token = jose.client_assertion(
-            self._signer(key), key.kid, client_id=client_id, audience=audience,
+            signer, key.kid, client_id=client_id, audience=audience,
             now=self.clock.now(),
         )
         self._audit(caller, "sign.client_assertion", key, None, client_id=client_id,
@@ -168,19 +159,9 @@ class TokenService:
             key = found
         if not key.state.may_decrypt:
             raise InvalidToken(f"key {key.kid} is {key.state.value}; it no longer decrypts")
-        backend = self.keys.backend
-        # Vault transit decrypts RSA-OAEP with SHA-256 only: say so before any
-        # RSA work (the header's alg is public, so this reveals nothing).
-        offered = {h.jwe_alg: h for h in OaepHash}.get(str(header.get("alg")))
-        if offered is not None and offered not in backend.capabilities.oaep_hashes:
-            raise InvalidToken(
-                f"{offered.jwe_alg} is not supported by the {backend.capabilities.name} "
-                "backend; encrypt with RSA-OAEP-256"
-            )
-
-        def unwrap_cek(encrypted_key: bytes, oaep_hash: OaepHash) -> bytes:
-            return backend.decrypt(key.ref, encrypted_key, oaep_hash)
-
+        # Vault transit decrypts RSA-OAEP with SHA-256 only: refused here before
+        # any RSA work (the header's alg is public, so this reveals nothing).
+        unwrap_cek = self.keys.cek_unwrapper(key, header.get("alg"))
         result = jose.decrypt_jwe(compact, unwrap_cek)
         self._audit(caller, "decrypt.jwe", key, result.plaintext, alg=header.get("alg"),
                     enc=header.get("enc"))
@@ -213,13 +194,10 @@ class TokenService:
     ) -> Verified:
         caller.policy.require(Operation.VERIFY)
         keys, settings = self._issuer(issuer)
-        store, now = self.keys.store, self.clock.now()
+        now = self.clock.now()
 
         def seen_before(jti: str, expires: datetime) -> bool:
-            # write=True: read-then-insert under SQLite's write lock; `now`
-            # lets record_jti purge expired entries as it goes.
-            with store.session("replay check", write=True) as session:
-                return not queries.record_jti(session, issuer, jti, expires, now=now)
+            return not self.keys.remember_jti(issuer, jti, expires, now=now)
 
         result = jose.verify_jws(
             compact,

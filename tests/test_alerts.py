@@ -21,7 +21,7 @@ from joserfc.jwk import KeySet
 
 from keyd.alerts import SIGNATURE_HEADER, Alert
 from keyd.clock import SettableClock
-from keyd.jobs import Jobs, make_alerter
+from keyd.jobs import Jobs
 from keyd.model import Purpose
 from keyd.service import KeyService
 from tests.test_jobs import T0, open_service
@@ -108,7 +108,7 @@ def open_with_channels(tmp_path: Path, clock: SettableClock, hook: Webhook,
     service = open_service(tmp_path, clock, channels(hook, smtp_port))
     service.init()
     sleeps: list[float] = []
-    alerter = make_alerter(service)
+    alerter = service.alerter()
     alerter._sleep = sleeps.append  # back-off observed, not waited for
     return service, Jobs(service, alerter), sleeps
 
@@ -149,7 +149,7 @@ def test_expiry_alerts_arrive_by_webhook_and_smtp_once_per_threshold(
         jobs.check_expiries()
         assert len(inbox.messages) == n_mail and len(webhook.bodies) == n_hook
         # A restart (new Jobs and Alerter, same store) remembers what was sent.
-        restarted = Jobs(service, make_alerter(service))
+        restarted = Jobs(service, service.alerter())
         restarted.check_expiries()
         assert len(inbox.messages) == n_mail
         # Jumping past 14d and 7d at once gives one alert per key, at 7d.

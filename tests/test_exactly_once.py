@@ -260,7 +260,7 @@ def test_a_key_whose_intent_recovery_erased_is_never_stored(service: KeyService)
     assert intent is not None and intent.replica == this_replica()
     assert service.abandon_intent(intent, actor="test")
     with pytest.raises(KeydError, match="erased by recovery"):
-        service.create_key(Purpose.SIGNING, actor="test", activate=False, claimed=key_id)
+        service.create_key(Purpose.SIGNING, actor="test", claimed=key_id)
     assert of(service, Purpose.SIGNING, KeyState.PENDING) == []
     no_orphans(service)
 

@@ -206,10 +206,9 @@ def create_local_app(service: KeyService, metrics: Metrics,
             except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
                 # Cannot happen for content from the strict reader; if it does,
                 # the audit must say the caller got an error, not the result.
-                service.audit.record(AuditEvent(actor=caller.name, action=name,
-                                                outcome="error",
-                                                detail={"error": "internal_error",
-                                                        "status": 500}))
+                service.record(AuditEvent(actor=caller.name, action=name, outcome="error",
+                                          detail={"error": "internal_error",
+                                                  "status": 500}))
                 raise RuntimeError(f"answer of {name} not serialisable") from e
 
         # The labelled children looked up once, not twice a request.

@@ -72,7 +72,7 @@ class Console:
 
     def audit_refusal(self, actor: str, action: str, reason: str) -> None:
         try:
-            self.service.audit.record(AuditEvent(actor=actor, action=action, outcome="refused",
+            self.service.record(AuditEvent(actor=actor, action=action, outcome="refused",
                                                  detail={"reason": reason[:200]}))
         except KeydError:
             pass  # the refusal stands whether or not it could be recorded
@@ -180,7 +180,7 @@ class Console:
                 self.audit_refusal(caller.name, "console.sign_in", e.detail)
                 raise Forbidden(f"client {caller.name!r} is not an admin: the console needs "
                                 f"a token of the admin policy") from None
-            self.service.audit.record(AuditEvent(actor=caller.name, action="console.sign_in"))
+            self.service.record(AuditEvent(actor=caller.name, action="console.sign_in"))
             return caller
 
         try:
@@ -199,7 +199,7 @@ class Console:
     async def sign_out(self, request: Request, session: Session, caller: Caller,
                        form: dict[str, str | bytes]) -> Response:
         self.sessions.end(request.cookies.get(web.cookie_name(request, SESSION_COOKIE)))
-        await run_in_threadpool(self.service.audit.record,
+        await run_in_threadpool(self.service.record,
                                 AuditEvent(actor=caller.name, action="console.sign_out"))
         response = self.render(request, "signed_out.html")
         response.headers.append("set-cookie", web.cookie_header(request, SESSION_COOKIE, "", 0))

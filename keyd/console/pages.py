@@ -78,12 +78,12 @@ async def audit(
     before = (segment, int(seq_text)) if seq_text else None
 
     def read() -> dict[str, Any]:
-        events = console.service.audit.page(
+        events = console.service.audit_page(
             before=before, since=since, until=until, limit=AUDIT_PAGE + 1,
             **{k: v or None for k, v in filters.items()},
         )
-        length, digest = console.service.audit.head()
-        broken = console.service.audit.verify()
+        length, digest = console.service.audit_head()
+        broken = console.service.audit_verify()
         return {"events": events[:AUDIT_PAGE], "more": len(events) > AUDIT_PAGE,
                 "head": f"{length}:{digest}" if length else None, "broken": broken}
 

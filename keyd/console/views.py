@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import func
-from sqlmodel import col, select
 
 from keyd import lifecycle, x509
 from keyd.audit import AuditRecord
@@ -23,8 +21,6 @@ from keyd.errors import KeydError
 from keyd.issuers import IssuerKeys
 from keyd.model import KeyState, KidScheme, Purpose
 from keyd.service import ClientInfo, KeyService
-from keyd.store import queries
-from keyd.store.tables import AuditEventRow
 
 RECENT_ALERTS = 10
 # "Last used" comes from the audit log: the newest event each client made,
@@ -75,45 +71,43 @@ class PurposeView:
 def key_rows(service: KeyService) -> list[KeyRow]:
     """Every key version, oldest first within each purpose."""
     rows: list[KeyRow] = []
-    with service.store.session("console read") as session:
-        for key in queries.all_keys(session):
-            purpose = Purpose(key.purpose)
-            life = service.settings.lifecycle[purpose]
-            cert = queries.current_certificate(session, key.id)
-            leaf = None if cert is None else x509.load_chain(cert.chain_pem.encode())[0]
-            times = lifecycle.KeyTimes(
-                id=key.id, state=KeyState(key.state), created_at=utc(key.created_at),
-                publish_at=_utc(key.publish_at), activated_at=_utc(key.activated_at),
-            )
-            state = KeyState(key.state)
-            rows.append(KeyRow(
-                id=key.id,
-                kid=key.kid or key.id,
-                provisional=key.kid is None,
-                purpose=purpose,
-                state=state,
-                alg=purpose.jwk_alg,
-                key_size=key.key_size,
-                backend=key.backend,
-                created_at=utc(key.created_at),
-                state_changed_at=utc(key.state_changed_at),
-                subject=None if leaf is None else leaf.subject.rfc4514_string(),
-                issuer=None if leaf is None else leaf.issuer.rfc4514_string(),
-                cert_source=None if cert is None else cert.source,
-                not_before=None if cert is None else utc(cert.not_before),
-                not_after=None if cert is None else utc(cert.not_after),
-                publish_at=_utc(key.publish_at),
-                activated_at=_utc(key.activated_at),
-                activates_at=lifecycle.ready_at(times, life) if state is KeyState.PENDING
-                else None,
-                rotates_at=None if key.activated_at is None or state is not KeyState.ACTIVE
-                else utc(key.activated_at) + life.rotate_after,
-                retired_at=_utc(key.retired_at),
-                destroy_after=_utc(key.destroy_after),
-                revoked_reason=key.revoked_reason,
-                has_csr=key.csr_pem is not None,
-                takes_certificate=_takes_certificate(state, service.settings.keyd.kid),
-            ))
+    for key, cert in service.key_records():
+        purpose = Purpose(key.purpose)
+        life = service.settings.lifecycle[purpose]
+        leaf = None if cert is None else x509.load_chain(cert.chain_pem.encode())[0]
+        times = lifecycle.KeyTimes(
+            id=key.id, state=KeyState(key.state), created_at=utc(key.created_at),
+            publish_at=_utc(key.publish_at), activated_at=_utc(key.activated_at),
+        )
+        state = KeyState(key.state)
+        rows.append(KeyRow(
+            id=key.id,
+            kid=key.kid or key.id,
+            provisional=key.kid is None,
+            purpose=purpose,
+            state=state,
+            alg=purpose.jwk_alg,
+            key_size=key.key_size,
+            backend=key.backend,
+            created_at=utc(key.created_at),
+            state_changed_at=utc(key.state_changed_at),
+            subject=None if leaf is None else leaf.subject.rfc4514_string(),
+            issuer=None if leaf is None else leaf.issuer.rfc4514_string(),
+            cert_source=None if cert is None else cert.source,
+            not_before=None if cert is None else utc(cert.not_before),
+            not_after=None if cert is None else utc(cert.not_after),
+            publish_at=_utc(key.publish_at),
+            activated_at=_utc(key.activated_at),
+            activates_at=lifecycle.ready_at(times, life) if state is KeyState.PENDING
+            else None,
+            rotates_at=None if key.activated_at is None or state is not KeyState.ACTIVE
+            else utc(key.activated_at) + life.rotate_after,
+            retired_at=_utc(key.retired_at),
+            destroy_after=_utc(key.destroy_after),
+            revoked_reason=key.revoked_reason,
+            has_csr=key.csr_pem is not None,
+            takes_certificate=_takes_certificate(state, service.settings.keyd.kid),
+        ))
     return rows
 
 
@@ -176,7 +170,7 @@ def shape_readiness(answer: Mapping[str, object]) -> dict[str, Any]:
 
 
 def recent_alerts(service: KeyService) -> list[AuditRecord]:
-    return service.audit.page(action="alert.send", limit=RECENT_ALERTS)
+    return service.audit_page(action="alert.send", limit=RECENT_ALERTS)
 
 
 def published_kids(service: KeyService) -> list[str]:
@@ -268,17 +262,7 @@ class ClientRow:
 
 def clients(service: KeyService) -> list[ClientRow]:
     infos = service.clients()
-    with service.store.session("console read") as session:
-        # The newest events only (any segment): a bounded read.
-        recent = (select(col(AuditEventRow.actor).label("actor"),
-                         col(AuditEventRow.at).label("at"))
-                  .order_by(col(AuditEventRow.at).desc())
-                  .limit(LAST_USED_WINDOW).subquery())
-        seen = dict(session.exec(
-            select(recent.c.actor, func.max(recent.c.at))
-            .where(recent.c.actor.in_([c.name for c in infos]))
-            .group_by(recent.c.actor)
-        ).all())
+    seen = service.clients_last_seen([c.name for c in infos], LAST_USED_WINDOW)
     return [ClientRow(c, _utc(seen.get(c.name))) for c in infos]
 
 

@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 from keyd.model import KeyState
 from keyd.store.tables import (
     AlertSent,
+    AuditEventRow,
     Certificate,
     Client,
     DeploymentFact,
@@ -331,3 +332,20 @@ def deployment_fact(session: Session, name: str, value: str) -> str:
     row = session.get(DeploymentFact, name)
     assert row is not None
     return row.value
+
+
+# ------------------------------------------------------------------ audit activity
+
+
+def actors_last_seen(session: Session, actors: list[str], window: int) -> dict[str, datetime]:
+    """The newest event time of each of ``actors`` among the newest ``window``
+    audit events (any segment): a bounded read."""
+    recent = (select(col(AuditEventRow.actor).label("actor"), col(AuditEventRow.at).label("at"))
+              .order_by(col(AuditEventRow.at).desc())
+              .limit(window).subquery())
+    rows = session.exec(
+        select(recent.c.actor, func.max(recent.c.at))
+        .where(recent.c.actor.in_(actors))
+        .group_by(recent.c.actor)
+    ).all()
+    return {str(actor): at for actor, at in rows}
