@@ -1,6 +1,6 @@
 """Persistence: SQLModel tables, the engine and sessions, typed queries.
 
-No business rules live here; keyd/service.py decides, the store remembers.
+No business rules live here; keyd/service/ decides, the store remembers.
 """
 
 from keyd.store.db import Store
