@@ -120,3 +120,19 @@ def test_next_event_is_the_earliest_due_time() -> None:
     assert lifecycle.next_event([active(), retired], LIFE) == T0 + 7 * DAY
     assert lifecycle.next_event([active()], LIFE) == T0 + 90 * DAY
     assert lifecycle.next_event([], LIFE) is None
+
+
+def test_a_key_is_due_for_destruction_only_when_retired_and_its_overlap_has_ended() -> None:
+    retired = KeyTimes("kv_r", S.RETIRED, T0, retired_at=T0, destroy_after=T0 + LIFE.overlap)
+    assert not lifecycle.destroy_due(retired, T0 + LIFE.overlap - timedelta(seconds=1))
+    assert lifecycle.destroy_due(retired, T0 + LIFE.overlap)
+    revoked = KeyTimes("kv_x", S.REVOKED, T0, destroy_after=T0)
+    assert not lifecycle.destroy_due(revoked, T0 + DAY)
+
+
+def test_a_certified_key_signs_at_once_only_when_its_purpose_has_no_active_key() -> None:
+    assert lifecycle.state_with_certificate(has_active=False) is S.ACTIVE
+    assert lifecycle.state_with_certificate(has_active=True) is S.PENDING
+    for has_active in (False, True):
+        assert lifecycle.allowed(S.AWAITING_CERTIFICATE,
+                                 lifecycle.state_with_certificate(has_active))
