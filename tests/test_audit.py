@@ -17,7 +17,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, _append, payload_hash
+from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, payload_hash
+from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.replica import this_replica
@@ -407,7 +408,7 @@ def test_an_unknown_head_is_refused_and_every_segment_is_checked(
             log.record(_event(n))
         # Another segment: as if another replica (here: a name of our own) appended.
         with store.engine.begin() as conn:
-            _append(store, conn, "replica-b:1", [log._prepare(_event(n)) for n in range(4)])
+            append(conn, "replica-b:1", [log._prepare(_event(n)) for n in range(4)])
         length, digest = log.head()
         assert length == 7 and other.head() == (length, digest)
         assert log.reaches(length, digest) is None

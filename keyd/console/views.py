@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import func
-from sqlmodel import col, select
 
 from keyd import lifecycle, x509
 from keyd.audit import AuditRecord
@@ -23,8 +21,8 @@ from keyd.errors import KeydError
 from keyd.issuers import IssuerKeys
 from keyd.model import KeyState, KidScheme, Purpose
 from keyd.service import ClientInfo, KeyService
+from keyd.store import audit as audit_sql
 from keyd.store import queries
-from keyd.store.tables import AuditEventRow
 
 RECENT_ALERTS = 10
 # "Last used" comes from the audit log: the newest event each client made,
@@ -269,16 +267,7 @@ class ClientRow:
 def clients(service: KeyService) -> list[ClientRow]:
     infos = service.clients()
     with service.store.session("console read") as session:
-        # The newest events only (any segment): a bounded read.
-        recent = (select(col(AuditEventRow.actor).label("actor"),
-                         col(AuditEventRow.at).label("at"))
-                  .order_by(col(AuditEventRow.at).desc())
-                  .limit(LAST_USED_WINDOW).subquery())
-        seen = dict(session.exec(
-            select(recent.c.actor, func.max(recent.c.at))
-            .where(recent.c.actor.in_([c.name for c in infos]))
-            .group_by(recent.c.actor)
-        ).all())
+        seen = audit_sql.last_seen(session, [c.name for c in infos], LAST_USED_WINDOW)
     return [ClientRow(c, _utc(seen.get(c.name))) for c in infos]
 
 

@@ -32,6 +32,7 @@ from sqlmodel import Session
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
 from keyd.resources import migrations_dir
+from keyd.store.locks import MIGRATE_LOCK, lock_transaction
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,7 @@ class Store:
             if isinstance(given, str):  # the URL's own options come first
                 args["options"] = f"{given} {args['options']}"
                 parsed = parsed.difference_update_query(["options"])
-            self._engine = create_engine(
-                parsed,
-                pool_pre_ping=True,  # a restarted server costs one retry, not an error
-                connect_args=args,
-            )
+            self._engine = _postgresql_engine(parsed, args)
 
     def __repr__(self) -> str:
         return f"Store({self._url.render_as_string(hide_password=True)!r})"
@@ -139,8 +136,7 @@ class Store:
                 # and a starting daemon cannot both apply the same revision.
                 conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
                 with conn.begin():
-                    if self.dialect == "postgresql":
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+                    lock_transaction(conn, MIGRATE_LOCK)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
         except CommandError as e:
@@ -199,15 +195,43 @@ class Store:
             raise store_error(e, operation) from e
 
     def connect(self, *, write: bool = False) -> Connection:
-        """A bare connection for a long-lived writer (the audit log).
+        """A bare connection for a long-lived writer (the audit log, the lease).
 
-        The caller owns it: begin/commit per unit of work, close() when done,
-        and convert SQLAlchemy errors with ``store_error``.
+        The caller owns it: a ``transaction()`` per unit of work, ``release()``
+        when done.  StoreUnavailable when the database cannot be reached.
         """
-        conn = self._engine.connect()
-        if write:
-            conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+        with self.converted("database connect"):
+            conn = self._engine.connect()
+            if write:
+                conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
         return conn
+
+    @contextlib.contextmanager
+    def transaction(self, conn: Connection, operation: str) -> Iterator[Connection]:
+        """One transaction on a connection from ``connect()``: committed when the
+        block ends, rolled back on an error, SQLAlchemy errors converted."""
+        with self.converted(operation), conn.begin():
+            yield conn
+
+    @staticmethod
+    @contextlib.contextmanager
+    def converted(operation: str) -> Iterator[None]:
+        """Raise SQLAlchemy errors from the block as keyd's (``store_error``)."""
+        try:
+            yield
+        except SQLAlchemyError as e:
+            raise store_error(e, operation) from e
+
+    @staticmethod
+    def release(conn: Connection, *, broken: bool = False) -> None:
+        """Close a connection from ``connect()``; ``broken``: never back into the
+        pool (it may be dead, or hold a session lock).  Never raises."""
+        try:
+            if broken:
+                conn.invalidate()
+            conn.close()
+        except SQLAlchemyError as e:
+            log.warning("closing a database connection failed: %s", _reason(e))
 
     def active_session(self) -> Session | None:
         """The innermost session this thread has open on this store, if any."""
@@ -235,7 +259,8 @@ class Store:
         (SQLite lives on one host, whose clock every process shares.)
         """
         if self.dialect == "postgresql":
-            value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            with self.converted("reading the database's clock"):
+                value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
             assert isinstance(value, datetime)
             return value.astimezone(UTC)
         return datetime.now(UTC)
@@ -254,12 +279,6 @@ class Store:
         self._engine.dispose()
 
 
-# 64-bit keys for pg_advisory_xact_lock: "keyd" + a tag, so they stay clear
-# of any other application sharing the server.
-_MIGRATE_LOCK = 0x6B657964_6D696772  # "keydmigr"
-AUDIT_LOCK = 0x6B657964_61756474  # "keydaudt"
-
-
 def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
@@ -275,6 +294,23 @@ def _parse(url: str) -> URL:
         f"[store] url: unsupported database {backend!r}; use sqlite:///PATH or "
         "postgresql+psycopg://USER@HOST/DB"
     )
+
+
+def _postgresql_engine(url: URL, connect_args: dict[str, Any]) -> Engine:
+    try:
+        return create_engine(
+            url,
+            pool_pre_ping=True,  # a restarted server costs one retry, not an error
+            connect_args=connect_args,
+        )
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError, TypeError) as e:
+        shown = url.render_as_string(hide_password=True)
+        raise ConfigError(f"[store] url {shown!r}: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text_ = str(e).strip()
+    return text_.splitlines()[0] if text_ else type(e).__name__
 
 
 def _sqlite_engine(url: URL) -> Engine:

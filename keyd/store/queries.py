@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from keyd.model import KeyState
+from keyd.store import locks
 from keyd.store.tables import (
     AlertSent,
     Certificate,
@@ -200,10 +201,6 @@ def _insert_if_absent(session: Session, table: Any, values: dict[str, Any]) -> b
 
 # ------------------------------------------------------------------ lifecycle
 
-# pg_advisory_xact_lock key for lifecycle transitions: "keydlife".
-_LIFECYCLE_LOCK = 0x6B657964_6C696665
-
-
 def lock_lifecycle(session: Session) -> None:
     """Serialise lifecycle transitions across processes until the transaction ends.
 
@@ -211,9 +208,7 @@ def lock_lifecycle(session: Session) -> None:
     ``write=True`` (BEGIN IMMEDIATE), which already holds the database's one
     write lock, so nothing more is needed.
     """
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LIFECYCLE_LOCK})")
+    locks.lock_transaction(session.connection(), locks.LIFECYCLE_LOCK)
 
 
 def keys_of_purpose(session: Session, purpose: str) -> list[KeyVersion]:
