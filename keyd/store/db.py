@@ -282,8 +282,9 @@ class Store:
 def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
-    except ArgumentError as e:
-        raise ConfigError(f"[store] url {url!r} is not a database URL: {e}") from e
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ConfigError(
+            f"[store] url {_masked(url)!r} is not a database URL: {_one_line(e)}") from e
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         # psycopg 3 is the one PostgreSQL driver keyd ships with.
@@ -303,9 +304,18 @@ def _postgresql_engine(url: URL, connect_args: dict[str, Any]) -> Engine:
             pool_pre_ping=True,  # a restarted server costs one retry, not an error
             connect_args=connect_args,
         )
-    except (ArgumentError, NoSuchModuleError, ImportError, ValueError, TypeError) as e:
+    except (ImportError, NoSuchModuleError) as e:
+        shown = url.render_as_string(hide_password=True)
+        raise ConfigError(f"[store] url {shown!r}: its driver {url.drivername!r} cannot be "
+                          f"loaded ({_one_line(e)}); reinstall keyd with psycopg[binary]") from e
+    except (ArgumentError, ValueError, TypeError) as e:
         shown = url.render_as_string(hide_password=True)
         raise ConfigError(f"[store] url {shown!r}: {_one_line(e)}") from e
+
+
+def _masked(url: str) -> str:
+    """``url`` with the password of ``scheme://user:password@host`` hidden."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _one_line(e: BaseException) -> str:
