@@ -266,7 +266,7 @@ class KeyService:
                     raise Conflict(
                         f"{purpose.value} has {count} published keys and max_published is "
                         f"{limit}: wait until retired keys are destroyed")
-            intent = KeyIntent(id=new_key_id(), purpose=purpose.value, replica=this_replica(),
+            intent = KeyIntent(id=new_key_id(), purpose=purpose, replica=this_replica(),
                                created_at=self.clock.now())
             if not queries.claim_intent(session, intent):
                 raise RotationUnderWay(f"a {purpose.value} key is being made by another process")
@@ -367,8 +367,8 @@ class KeyService:
             )
             key = KeyVersion(
                 id=key_id,
-                purpose=purpose.value,
-                state=KeyState.AWAITING_CERTIFICATE.value,
+                purpose=purpose,
+                state=KeyState.AWAITING_CERTIFICATE,
                 kid=None,
                 backend=self.backend.capabilities.name,
                 backend_ref=generated.ref,
@@ -474,7 +474,7 @@ class KeyService:
             new_state = KeyState.ACTIVE if (activate or not has_active) else KeyState.PENDING
             if new_state is KeyState.ACTIVE and has_active:
                 new_state = KeyState.PENDING
-            key.state = new_state.value
+            key.state = new_state
             key.state_changed_at = now
             key.publish_at = now
             if new_state is KeyState.ACTIVE:
@@ -626,7 +626,7 @@ class KeyService:
             if older.id != key.id and older.created_at < key.created_at:
                 self._retire_locked(session, older, now, life.overlap, actor=actor,
                                     reason=f"superseded by {key.kid}")
-        key.state = KeyState.ACTIVE.value
+        key.state = KeyState.ACTIVE
         key.state_changed_at = now
         key.activated_at = now
         if key.publish_at is None:
@@ -642,7 +642,7 @@ class KeyService:
     def _retire_locked(self, session: Session, key: KeyVersion, now: datetime,
                        overlap: timedelta, *, actor: str, reason: str) -> None:
         lifecycle.check_transition(key.id, KeyState(key.state), KeyState.RETIRED)
-        key.state = KeyState.RETIRED.value
+        key.state = KeyState.RETIRED
         key.state_changed_at = now
         key.retired_at = now
         key.destroy_after = now + overlap
@@ -681,7 +681,7 @@ class KeyService:
                    and utc(key.destroy_after) <= now)
             if not due:
                 return False
-            key.state = KeyState.DESTROYED.value
+            key.state = KeyState.DESTROYED
             key.state_changed_at = now
             session.add(key)
             self.audit.record(AuditEvent(
@@ -760,7 +760,7 @@ class KeyService:
                             f"is {limit}: wait until retired keys are destroyed")
                     claimed = new_key_id()
                     queries.claim_intent(session, KeyIntent(
-                        id=claimed, purpose=purpose.value, replica=this_replica(),
+                        id=claimed, purpose=purpose, replica=this_replica(),
                         created_at=self.clock.now()))
             if claimed is not None:
                 info = self.create_key(purpose, actor=actor, activate=False, claimed=claimed,
@@ -812,7 +812,7 @@ class KeyService:
             lifecycle.check_transition(key.id, KeyState(key.state), KeyState.REVOKED)
             was_active = KeyState(key.state) is KeyState.ACTIVE
             now = self.clock.now()
-            key.state = KeyState.REVOKED.value
+            key.state = KeyState.REVOKED
             key.state_changed_at = now
             key.revoked_reason = reason
             session.add(key)

@@ -42,7 +42,8 @@ def row_values(event: AuditEvent, at: datetime) -> dict[str, Any]:
         "actor": event.actor,
         "action": event.action,
         "kid": event.kid,
-        "purpose": event.purpose,
+        # The plain value, also when given a Purpose: the chain hashes this text.
+        "purpose": None if event.purpose is None else str(event.purpose),
         "outcome": event.outcome,
         "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"), allow_nan=False),
         "payload_hash": event.payload_hash,
