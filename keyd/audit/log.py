@@ -12,6 +12,7 @@ from keyd.audit.chain import Broken
 from keyd.audit.events import AuditEvent, AuditRecord, row_values
 from keyd.audit.writer import Writer
 from keyd.clock import Clock, utc
+from keyd.store.audit import EventFilter
 from keyd.store.db import Store
 
 log = logging.getLogger("keyd.audit")
@@ -79,8 +80,8 @@ class AuditLog:
     ) -> builtins.list[AuditRecord]:
         """Events in (time, segment, seq) order: the first `limit` from `since`,
         else the latest `limit`."""
-        return reading.latest(self._store, since=since, action=action, kid=kid, actor=actor,
-                              limit=limit)
+        where = EventFilter(since=since, action=action, kid=kid, actor=actor)
+        return reading.latest(self._store, where, limit)
 
     def page(
         self,
@@ -94,5 +95,5 @@ class AuditLog:
         limit: int = 50,
     ) -> builtins.list[AuditRecord]:
         """Newest first, filtered: up to `limit` events older than `before` (segment, seq)."""
-        return reading.page(self._store, before=before, since=since, until=until,
-                            action=action, kid=kid, actor=actor, limit=limit)
+        where = EventFilter(since=since, until=until, action=action, kid=kid, actor=actor)
+        return reading.page(self._store, where, before, limit)

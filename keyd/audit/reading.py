@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 from keyd.audit.events import AuditRecord
 from keyd.store import audit as sql
+from keyd.store.audit import EventFilter
 from keyd.store.db import Store
 from keyd.store.tables import AuditEventRow
 
@@ -14,43 +14,25 @@ MAX_LIST = 10_000
 MAX_PAGE = 1000
 
 
-def latest(
-    store: Store,
-    *,
-    since: datetime | None = None,
-    action: str | None = None,
-    kid: str | None = None,
-    actor: str | None = None,
-    limit: int = 100,
-) -> list[AuditRecord]:
-    """Events in (time, segment, seq) order: the first `limit` from `since`,
+def latest(store: Store, where: EventFilter, limit: int) -> list[AuditRecord]:
+    """Events in (time, segment, seq) order: the first `limit` from ``where.since``,
     else the latest `limit`."""
-    limit = max(1, min(limit, MAX_LIST))
+    oldest_first = where.since is not None
     with store.session("audit read") as session:
-        rows = sql.events(session, since=since, action=action, kid=kid, actor=actor,
-                          newest_first=since is None, limit=limit)
-    if since is None:
+        rows = sql.events(session, where, newest_first=not oldest_first,
+                          limit=max(1, min(limit, MAX_LIST)))
+    if not oldest_first:
         rows.reverse()
     return [_record(r) for r in rows]
 
 
-def page(
-    store: Store,
-    *,
-    before: tuple[str, int] | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    action: str | None = None,
-    kid: str | None = None,
-    actor: str | None = None,
-    limit: int = 50,
-) -> list[AuditRecord]:
-    """Newest first, filtered (the console): up to `limit` events older, in
-    (time, segment, seq) order, than the event `before` (segment, seq)."""
-    limit = max(1, min(limit, MAX_PAGE))
+def page(store: Store, where: EventFilter, before: tuple[str, int] | None,
+         limit: int) -> list[AuditRecord]:
+    """Newest first (the console): up to `limit` events older, in (time,
+    segment, seq) order, than the event `before` (segment, seq)."""
     with store.session("audit read") as session:
-        rows = sql.events(session, before=before, since=since, until=until, action=action,
-                          kid=kid, actor=actor, newest_first=True, limit=limit)
+        rows = sql.events(session, where, before=before, newest_first=True,
+                          limit=max(1, min(limit, MAX_PAGE)))
     return [_record(r) for r in rows]
 
 

@@ -7,6 +7,7 @@ SQLAlchemy errors through the Store (its sessions, ``transaction``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -92,47 +93,41 @@ def event_hash(session: Session, segment: str, seq: int) -> str | None:
     return None if row is None else row.hash
 
 
-def events(
-    session: Session,
-    *,
-    before: tuple[str, int] | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    action: str | None = None,
-    kid: str | None = None,
-    actor: str | None = None,
-    newest_first: bool,
-    limit: int,
-) -> list[AuditEventRow]:
-    """Events in [since, until) matching the given fields, older than the event
-    ``before`` (segment, seq) when given, in (time, segment, seq) order or its reverse."""
-    query = select(AuditEventRow)
+@dataclass(frozen=True)
+class EventFilter:
+    """Events in [since, until) whose fields equal those given (None: any)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    action: str | None = None
+    kid: str | None = None
+    actor: str | None = None
+
+    def apply(self, query: SelectOfScalar[AuditEventRow]) -> SelectOfScalar[AuditEventRow]:
+        if self.since is not None:
+            query = query.where(col(AuditEventRow.at) >= self.since)
+        if self.until is not None:
+            query = query.where(col(AuditEventRow.at) < self.until)
+        for column, value in ((AuditEventRow.action, self.action), (AuditEventRow.kid, self.kid),
+                              (AuditEventRow.actor, self.actor)):
+            if value is not None:
+                query = query.where(column == value)
+        return query
+
+
+def events(session: Session, where: EventFilter, *, before: tuple[str, int] | None = None,
+           newest_first: bool, limit: int) -> list[AuditEventRow]:
+    """Events matching ``where``, older than the event ``before`` (segment, seq)
+    when given, in (time, segment, seq) order or its reverse."""
+    query = where.apply(select(AuditEventRow))
     if before is not None:
         at = (select(col(AuditEventRow.at))
               .where(AuditEventRow.segment == before[0], AuditEventRow.seq == before[1])
               .scalar_subquery())
         query = query.where(tuple_(*_ORDER) < tuple_(at, literal(before[0]),
                                                      literal(before[1])))
-    query = _filtered(query, since=since, until=until, action=action, kid=kid, actor=actor)
     order = [c.desc() for c in _ORDER] if newest_first else list(_ORDER)
     return list(session.exec(query.order_by(*order).limit(limit)).all())
-
-
-def _filtered(query: SelectOfScalar[AuditEventRow], *, since: datetime | None,
-              until: datetime | None, action: str | None, kid: str | None,
-              actor: str | None) -> SelectOfScalar[AuditEventRow]:
-    """``query`` narrowed to events in [since, until) matching the given fields."""
-    if since is not None:
-        query = query.where(col(AuditEventRow.at) >= since)
-    if until is not None:
-        query = query.where(col(AuditEventRow.at) < until)
-    if action is not None:
-        query = query.where(AuditEventRow.action == action)
-    if kid is not None:
-        query = query.where(AuditEventRow.kid == kid)
-    if actor is not None:
-        query = query.where(AuditEventRow.actor == actor)
-    return query
 
 
 def last_seen(session: Session, actors: list[str], window: int) -> dict[str, datetime]:
