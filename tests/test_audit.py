@@ -22,6 +22,7 @@ from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.replica import this_replica
+from keyd.store import audit as audit_sql
 from keyd.store.db import Store, migrations_dir
 from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
 
@@ -241,6 +242,19 @@ def test_detail_that_names_secret_material_is_refused_and_nothing_is_written(
     with pytest.raises(ValueError, match="secret material"):
         log.record(_event(detail=detail))
     assert _seqs(store) == []
+
+
+def test_last_seen_is_each_actors_newest_event_among_the_newest_window(
+    log: AuditLog, store: Store, clock: SettableClock
+) -> None:
+    for actor, minutes in [("svc-a", 0), ("svc-b", 1), ("svc-a", 2), ("cli", 3), ("cli", 4)]:
+        clock.set(T0 + timedelta(minutes=minutes))
+        log.record(_event(actor=actor))
+    with store.session() as session:
+        everything = audit_sql.last_seen(session, ["svc-a", "svc-b", "nobody"], 100)
+        newest_three = audit_sql.last_seen(session, ["svc-a", "svc-b"], 3)
+    assert everything == {"svc-a": T0 + timedelta(minutes=2), "svc-b": T0 + timedelta(minutes=1)}
+    assert newest_three == {"svc-a": T0 + timedelta(minutes=2)}  # svc-b's event is older
 
 
 def test_detail_keeps_ordinary_values_and_cuts_long_strings(log: AuditLog) -> None:
