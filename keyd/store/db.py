@@ -1,4 +1,4 @@
-"""The database: engine, sessions, migrations.  SQLAlchemy errors stop here.
+"""The database: sessions, migrations, error conversion.  SQLAlchemy errors stop here.
 
 SQLite (the embedded default) and PostgreSQL behave the same to callers:
 every session commits on success and rolls back on error, and a database
@@ -16,15 +16,11 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import (
-    ArgumentError,
     DBAPIError,
     IntegrityError,
-    NoSuchModuleError,
     SQLAlchemyError,
     StatementError,
 )
@@ -32,13 +28,11 @@ from sqlmodel import Session
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
 from keyd.resources import migrations_dir
+from keyd.store.engines import BEGIN as _BEGIN
+from keyd.store.engines import make_engine, parse_url
 from keyd.store.locks import MIGRATE_LOCK, lock_transaction
 
 log = logging.getLogger(__name__)
-
-# Execution option read by the SQLite "begin" hook: how to open a transaction.
-_BEGIN = "keyd_sqlite_begin"
-
 
 _REVISION = re.compile(r"^(down_revision|revision)\b[^=]*=\s*(.+)$", re.MULTILINE)
 
@@ -64,47 +58,16 @@ def _script_head(folder: Path) -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-# A store outage stays local (one replica cut off must not stall the others):
-# - connect_timeout: fail closed fast when the server is down;
-# - TCP keepalives and tcp_user_timeout: a black-holed connection is declared
-#   dead in ~10 s instead of hanging a pooled connection for the whole outage;
-# - statement_timeout / lock_timeout: no statement or lock wait (the audit or
-#   lifecycle advisory locks included) outlasts them;
-# - idle_in_transaction_session_timeout, shorter than lock_timeout: the
-#   server ends the session of a replica that went quiet inside a
-#   transaction, releasing the locks it held (its transaction-level advisory
-#   locks die with it) before the replicas waiting on them give up.
-PG_CONNECT_ARGS: dict[str, Any] = {
-    "connect_timeout": 5,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 10_000,
-    "options": "-c statement_timeout=15000 -c lock_timeout=15000 "
-               "-c idle_in_transaction_session_timeout=5000",
-}
-
-
 class Store:
     """One database, reached through one engine (a pool of connections)."""
 
     def __init__(self, url: str) -> None:
-        parsed = _parse(url)
-        self.dialect = parsed.get_backend_name()  # "sqlite" | "postgresql"
-        self._url = parsed
+        self._url = parse_url(url)
+        self.dialect = self._url.get_backend_name()  # "sqlite" | "postgresql"
         # Sessions open on each thread, innermost last: lets the audit log
         # join the caller's transaction instead of waiting on a lock it holds.
         self._local = threading.local()
-        if self.dialect == "sqlite":
-            self._engine = _sqlite_engine(parsed)
-        else:
-            args = dict(PG_CONNECT_ARGS)
-            given = parsed.query.get("options")
-            if isinstance(given, str):  # the URL's own options come first
-                args["options"] = f"{given} {args['options']}"
-                parsed = parsed.difference_update_query(["options"])
-            self._engine = _postgresql_engine(parsed, args)
+        self._engine = make_engine(self._url)
 
     def __repr__(self) -> str:
         return f"Store({self._url.render_as_string(hide_password=True)!r})"
@@ -277,84 +240,6 @@ class Store:
 
     def close(self) -> None:
         self._engine.dispose()
-
-
-def _parse(url: str) -> URL:
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
-        raise ConfigError(
-            f"[store] url {_masked(url)!r} is not a database URL: {_one_line(e)}") from e
-    backend = parsed.get_backend_name()
-    if backend == "postgresql":
-        # psycopg 3 is the one PostgreSQL driver keyd ships with.
-        return parsed.set(drivername="postgresql+psycopg")
-    if backend == "sqlite":
-        return parsed
-    raise ConfigError(
-        f"[store] url: unsupported database {backend!r}; use sqlite:///PATH or "
-        "postgresql+psycopg://USER@HOST/DB"
-    )
-
-
-def _postgresql_engine(url: URL, connect_args: dict[str, Any]) -> Engine:
-    try:
-        return create_engine(
-            url,
-            pool_pre_ping=True,  # a restarted server costs one retry, not an error
-            connect_args=connect_args,
-        )
-    except (ImportError, NoSuchModuleError) as e:
-        shown = url.render_as_string(hide_password=True)
-        raise ConfigError(f"[store] url {shown!r}: its driver {url.drivername!r} cannot be "
-                          f"loaded ({_one_line(e)}); reinstall keyd with psycopg[binary]") from e
-    except (ArgumentError, ValueError, TypeError) as e:
-        shown = url.render_as_string(hide_password=True)
-        raise ConfigError(f"[store] url {shown!r}: {_one_line(e)}") from e
-
-
-def _masked(url: str) -> str:
-    """``url`` with the password of ``scheme://user:password@host`` hidden."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
-def _one_line(e: BaseException) -> str:
-    text_ = str(e).strip()
-    return text_.splitlines()[0] if text_ else type(e).__name__
-
-
-def _sqlite_engine(url: URL) -> Engine:
-    database = url.database or ""
-    is_uri = str(url.query.get("uri", "")).lower() == "true" or database.startswith("file:")
-    if database and database != ":memory:" and not is_uri:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        engine = create_engine(url, connect_args={"check_same_thread": False})
-    except (ArgumentError, NoSuchModuleError) as e:
-        raise ConfigError(f"[store] url: {e}") from e
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control away from the sqlite3 module (it would
-        # BEGIN lazily and DEFERRED); SQLAlchemy's "begin" hook below does it.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            # WAL: readers never block the writer.  FULL: a commit is on disk
-            # when it returns (the audit log promises durability).  The busy
-            # timeout lets the CLI and the daemon queue for the write lock.
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=5000")
-            cur.execute("PRAGMA foreign_keys=ON")
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(conn.get_execution_options().get(_BEGIN, "BEGIN"))
-
-    return engine
 
 
 def store_error(e: SQLAlchemyError, operation: str) -> Exception:

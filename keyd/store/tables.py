@@ -167,7 +167,7 @@ class Client(SQLModel, table=True):
 
 
 class AuditEventRow(SQLModel, table=True):
-    """One link of the audit hash chain (see keyd/audit.py for the hash)."""
+    """One link of the audit hash chain (see keyd/audit/chain.py for the hash)."""
 
     __tablename__ = "audit_events"
 
