@@ -37,24 +37,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, insert, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col
+from sqlalchemy import Connection
+from sqlmodel import Session
 
 from keyd import deployment
 from keyd.clock import Clock, SystemClock
 from keyd.errors import ClockSkewed, KeydError, LeaseLost
 from keyd.replica import this_replica
+from keyd.store import lease as sql
 from keyd.store.db import Store
-from keyd.store.tables import Lease as LeaseRow
-from keyd.store.tables import ReplicaSeen
 
 log = logging.getLogger("keyd.lease")
 
 LEADER = "leader"
-# pg_advisory_lock key: "keydlead".  As (classid, objid) in pg_locks: the two halves.
-_LOCK_KEY = 0x6B657964_6C656164
-_LOCK_HI, _LOCK_LO = _LOCK_KEY >> 32, _LOCK_KEY & 0xFFFFFFFF
 # Share of the lease length the holder trusts its own renewal for (clock rates differ a little).
 _TRUST = 0.9
 
@@ -127,7 +122,7 @@ class Lease:
             if was:
                 try:
                     self._give_back()
-                except (SQLAlchemyError, KeydError) as e:
+                except KeydError as e:
                     log.warning("lease not handed back (it expires by itself): %s", e)
             self._drop()
         if was:
@@ -151,7 +146,7 @@ class Lease:
                 else:
                     self._drop()
                     self._acquire()
-            except (SQLAlchemyError, OSError, KeydError) as e:
+            except (OSError, KeydError) as e:
                 log.warning("lease %s: %s", "renewal" if was else "attempt", e)
                 self._drop()
             leader = self.is_leader()
@@ -197,10 +192,7 @@ class Lease:
         a new holder's epoch bump waits for this transaction or refuses it."""
         epoch = self._epoch
         conn = session.connection()
-        row = conn.execute(
-            select(col(LeaseRow.epoch), col(LeaseRow.holder), col(LeaseRow.expires_at))
-            .where(col(LeaseRow.name) == LEADER).with_for_update(read=True)
-        ).first()
+        row = sql.holder(conn, LEADER, share=True)
         now = self.store.now(conn)
         if (epoch is None or row is None or row.epoch != epoch or row.holder != self.replica
                 or row.expires_at <= now):
@@ -232,27 +224,22 @@ class Lease:
     _held = False
 
     def _pg_try_lock(self, conn: Connection) -> bool:
-        with conn.begin():
-            self._held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                                           {"k": _LOCK_KEY}).scalar_one())
+        with self.store.transaction(conn, "lease lock"):
+            self._held = sql.try_lock_leader(conn)
         return self._held
 
     def _pg_take_expired(self, conn: Connection) -> bool:
         """End the session of a holder whose lease row expired; True when one was ended."""
-        with conn.begin():
-            row = conn.execute(select(col(LeaseRow.holder), col(LeaseRow.expires_at))
-                               .where(col(LeaseRow.name) == LEADER)).first()
+        with self.store.transaction(conn, "lease takeover"):
+            row = sql.holder(conn, LEADER)
             if row is None or row.expires_at > self.store.now(conn):
                 return False
-            pid = conn.execute(text(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :hi "
-                "AND objid = :lo AND objsubid = 1 AND granted"),
-                {"hi": _LOCK_HI, "lo": _LOCK_LO}).scalar()
+            pid = sql.leader_lock_pid(conn)
             if pid is None:
                 return True  # released meanwhile: try again
             log.warning("lease held by %s expired at %s: ending its database session",
                         row.holder, row.expires_at.isoformat())
-            conn.execute(text("SELECT pg_terminate_backend(:pid, 2000)"), {"pid": pid})
+            sql.end_session(conn, pid)
         return True
 
     def _bump(self) -> None:
@@ -262,16 +249,10 @@ class Lease:
             now = self._database_now(conn)
             if self.clock_error is not None:
                 raise ClockSkewed(f"not taking the lease: {self.clock_error}")
-            row = conn.execute(select(col(LeaseRow.epoch))
-                               .where(col(LeaseRow.name) == LEADER).with_for_update()).first()
-            epoch = 1 if row is None else int(row.epoch) + 1
-            values = {"epoch": epoch, "holder": self.replica, "acquired_at": now,
-                      "expires_at": now + self.length}
-            if row is None:
-                conn.execute(insert(LeaseRow).values(name=LEADER, **values))
-            else:
-                conn.execute(update(LeaseRow).where(col(LeaseRow.name) == LEADER)
-                             .values(**values))
+            row = sql.holder(conn, LEADER, lock=True)
+            epoch = 1 if row is None else row.epoch + 1
+            sql.take(conn, LEADER, new=row is None, epoch=epoch, replica=self.replica,
+                     now=now, expires_at=now + self.length)
         self._epoch, self._expires_at = epoch, now + self.length
         self._valid_until = started + _TRUST * self.length.total_seconds()
 
@@ -280,26 +261,20 @@ class Lease:
         with self._session() as conn:
             now = self._database_now(conn)
             skewed = self.clock_error is not None
-            result = conn.execute(
-                update(LeaseRow)
-                .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
-                       col(LeaseRow.holder) == self.replica)
-                # A skewed clock hands the lease back: another replica takes it at once.
-                .values(expires_at=now if skewed else now + self.length))
+            # A skewed clock hands the lease back: another replica takes it at once.
+            extended = sql.extend(conn, LEADER, epoch=self._epoch, replica=self.replica,
+                                  expires_at=now if skewed else now + self.length)
         if skewed:
             raise ClockSkewed(f"handing the lease back: {self.clock_error}")
-        if result.rowcount != 1:
+        if not extended:
             raise LeaseLost(f"lease epoch {self._epoch} was taken over")
         self._expires_at = now + self.length
         self._valid_until = started + _TRUST * self.length.total_seconds()
 
     def _give_back(self) -> None:
         with self._session() as conn:
-            conn.execute(
-                update(LeaseRow)
-                .where(col(LeaseRow.name) == LEADER, col(LeaseRow.epoch) == self._epoch,
-                       col(LeaseRow.holder) == self.replica)
-                .values(expires_at=self.store.now(conn)))
+            sql.extend(conn, LEADER, epoch=self._epoch, replica=self.replica,
+                       expires_at=self.store.now(conn))
 
     @contextmanager
     def _session(self) -> Iterator[Connection]:
@@ -307,7 +282,7 @@ class Lease:
         write session (SQLite: BEGIN IMMEDIATE)."""
         if self.store.dialect == "postgresql":
             conn = self._connection()
-            with conn.begin():
+            with self.store.transaction(conn, "lease"):
                 yield conn
         else:
             with self.store.session("lease", write=True) as session:
@@ -324,11 +299,7 @@ class Lease:
         self._held = False
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.invalidate()  # never back to the pool with the lock held
-                conn.close()
-            except SQLAlchemyError:
-                pass
+            self.store.release(conn, broken=True)  # never back to the pool with the lock held
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
@@ -342,12 +313,9 @@ class Lease:
                 now = self._database_now(conn)
                 if self._started_at is None:
                     self._started_at = now
-                conn.execute(delete(ReplicaSeen).where(col(ReplicaSeen.replica) == self.replica))
-                conn.execute(insert(ReplicaSeen).values(
-                    replica=self.replica, started_at=self._started_at, seen_at=now,
-                    leader=leader, endpoint=self.endpoint))
                 # Forget replicas gone for a day: `keyd status` shows the recent ones.
-                conn.execute(delete(ReplicaSeen).where(
-                    col(ReplicaSeen.seen_at) < now - timedelta(days=1)))
+                sql.seen(conn, replica=self.replica, started_at=self._started_at, now=now,
+                         leader=leader, endpoint=self.endpoint,
+                         forget_before=now - timedelta(days=1))
         except KeydError as e:
             log.warning("replica heartbeat not recorded: %s", e.detail)

@@ -26,18 +26,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from keyd.audit.redaction import SECRET_PHRASES, SECRET_WORDS, names_secret
+
 REDACTED = "[REDACTED]"
 
 _B64URL = r"[A-Za-z0-9_-]"
 
-# JWK members that hold private or symmetric key material (RFC 7518 §6).
-PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-# Key names whose values are secrets wherever they appear (extras, dicts,
-# key=value text).  Matched on the whole name or its last _/- part.
-_SECRET_NAMES = ("token", "secret", "secret_id", "secret-id", "password", "passwd",
-                 "pin", "private_key", "master_key", "api_key", "client_secret",
-                 "authorization", "x-vault-token")
+# Key names whose values are secrets in key=value text: the words (and
+# phrases) of the one definition the audit log's detail guard also uses.
+# In text the secret word must end the key ("token_endpoint=" is a URL).
+_SECRET_NAMES = sorted({*SECRET_WORDS, *SECRET_PHRASES}, key=len, reverse=True)
+_SECRET_NAME_RE = "|".join(re.escape(n).replace("_", "[_-]") for n in _SECRET_NAMES)
 
 _Replacer = str | Callable[[re.Match[str]], str]
 
@@ -85,7 +84,7 @@ _PATTERNS: list[tuple[re.Pattern[str], _Replacer]] = [
     # key=value / key: value / "key": "value" where the key names a secret
     # (token, password, pin, secret_id, X-Vault-Token, ...).
     (re.compile(r"(?i)(?<![A-Za-z0-9])(?P<key>(?:[A-Za-z0-9]+[_-])*(?:"
-                + "|".join(re.escape(n) for n in _SECRET_NAMES)
+                + _SECRET_NAME_RE
                 + r")[\"']?\s*[:=]\s*)"
                 # Already masked, or a Bearer/Basic scheme the pattern above
                 # masked while keeping the scheme visible: leave alone.
@@ -101,13 +100,6 @@ def redact(text: str) -> str:
     return text
 
 
-def _secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return (lowered in PRIVATE_JWK_MEMBERS or lowered in _SECRET_NAMES
-            or re.split(r"[_-]", lowered)[-1] in _SECRET_NAMES
-            or lowered.endswith(("secret_id", "secret-id", "private_key")))
-
-
 def redact_value(value: Any) -> Any:
     """A JSON-ready copy of ``value`` with secrets masked, by name and by shape."""
     if isinstance(value, str):
@@ -115,7 +107,7 @@ def redact_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, dict):
-        return {str(k): REDACTED if _secret_name(str(k)) else redact_value(v)
+        return {str(k): REDACTED if names_secret(str(k)) else redact_value(v)
                 for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [redact_value(v) for v in value]
@@ -132,7 +124,7 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: (REDACTED if _secret_name(k) else redact_value(v))
+    return {k: (REDACTED if names_secret(k) else redact_value(v))
             for k, v in vars(record).items() if k not in _RECORD_ATTRS}
 
 

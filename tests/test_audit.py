@@ -17,10 +17,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, _append, payload_hash
+from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, payload_hash
+from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.replica import this_replica
+from keyd.store import audit as audit_sql
 from keyd.store.db import Store, migrations_dir
 from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
 
@@ -242,6 +244,19 @@ def test_detail_that_names_secret_material_is_refused_and_nothing_is_written(
     assert _seqs(store) == []
 
 
+def test_last_seen_is_each_actors_newest_event_among_the_newest_window(
+    log: AuditLog, store: Store, clock: SettableClock
+) -> None:
+    for actor, minutes in [("svc-a", 0), ("svc-b", 1), ("svc-a", 2), ("cli", 3), ("cli", 4)]:
+        clock.set(T0 + timedelta(minutes=minutes))
+        log.record(_event(actor=actor))
+    with store.session() as session:
+        everything = audit_sql.last_seen(session, ["svc-a", "svc-b", "nobody"], 100)
+        newest_three = audit_sql.last_seen(session, ["svc-a", "svc-b"], 3)
+    assert everything == {"svc-a": T0 + timedelta(minutes=2), "svc-b": T0 + timedelta(minutes=1)}
+    assert newest_three == {"svc-a": T0 + timedelta(minutes=2)}  # svc-b's event is older
+
+
 def test_detail_keeps_ordinary_values_and_cuts_long_strings(log: AuditLog) -> None:
     log.record(_event(detail={"client_id": "c1", "audience": "https://as", "size": 2048,
                               "note": "x" * 5000, "when": T0}))
@@ -407,7 +422,7 @@ def test_an_unknown_head_is_refused_and_every_segment_is_checked(
             log.record(_event(n))
         # Another segment: as if another replica (here: a name of our own) appended.
         with store.engine.begin() as conn:
-            _append(store, conn, "replica-b:1", [log._prepare(_event(n)) for n in range(4)])
+            append(conn, "replica-b:1", [log._prepare(_event(n)) for n in range(4)])
         length, digest = log.head()
         assert length == 7 and other.head() == (length, digest)
         assert log.reaches(length, digest) is None

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from keyd.store.db import AUDIT_LOCK
+from keyd.store.locks import AUDIT_LOCK
 from tests.daemon import Daemon, keyd, start, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy

@@ -219,3 +219,36 @@ def test_format_is_json_off_a_terminal_and_text_on_one(monkeypatch: pytest.Monke
         assert wants_json(tty) is True
         monkeypatch.setenv("KEYD_LOG_FORMAT", "text")
         assert wants_json(io.StringIO()) is False
+
+
+# Names the audit log refuses as detail keys (tests/test_audit.py) and a few
+# more: one definition (keyd/audit/redaction.py) decides for both.
+SECRET_KEY_NAMES = ["token", "access_token", "clientSecret", "pin", "d", "qi", "payload",
+                    "plaintext_b64", "password", "secret_id", "api_key", "privateKey",
+                    "master_key", "x-vault-token", "authorization"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("name", SECRET_KEY_NAMES)
+def test_a_key_the_audit_log_refuses_is_masked_in_log_extras(name: str) -> None:
+    from keyd.audit.redaction import clean_detail
+
+    with pytest.raises(ValueError, match="secret material"):
+        clean_detail({name: "v"})
+    output = _capture(True, lambda log: log.info("auth", extra={name: "s3cr3t-value"}))
+    assert "s3cr3t-value" not in output and json.loads(output)[name] == REDACTED
+
+
+@pytest.mark.parametrize("name", ["access_token", "client-secret", "password", "secret_id",
+                                  "api_key", "private_key", "master_key", "x-vault-token",
+                                  "jwt", "payload", "cookie"])
+def test_text_key_value_ending_in_a_secret_name_is_masked(name: str) -> None:
+    assert redact(f"{name}=s3cr3t-value") == f"{name}={REDACTED}"
+    assert redact(f'"{name}": "s3cr3t-value"') == f'"{name}": "{REDACTED}"'
+
+
+def test_names_that_merely_contain_a_secret_word_elsewhere_stay_readable_in_text() -> None:
+    """In text only a key *ending* in a secret word is masked: a URL named
+    token_endpoint stays, as do kid and payload_hash."""
+    text = "token_endpoint=https://as/t payload_hash=ab12 kid=k1 pin_count=3"
+    assert redact(text) == text

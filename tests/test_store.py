@@ -13,10 +13,10 @@ from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
-from keyd.model import KeyState
+from keyd.model import KeyState, Purpose
 from keyd.store import queries
 from keyd.store.db import Store
-from keyd.store.tables import Certificate, KeyVersion
+from keyd.store.tables import Certificate, KeyIntent, KeyVersion
 from tests.fixtures.postgres import read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -81,6 +81,27 @@ def test_key_version_and_certificate_round_trip(store: Store) -> None:
     assert by_kid.id == by_id.id == key.id
     assert (by_kid.purpose, by_kid.state, by_kid.key_size) == ("signing", "active", 2048)
     assert cert.not_after == T0 + timedelta(days=397)
+
+
+def test_purpose_and_state_come_back_as_enums_but_are_stored_as_their_plain_values(
+        store: Store) -> None:
+    with store.session() as s:
+        s.add(_key(purpose="encryption", kid="kid-str"))  # a value, as older callers pass
+        s.add(_key(purpose=Purpose.SIGNING, state=KeyState.RETIRED, kid="kid-enum"))
+        s.add(KeyIntent(id="kv_next", purpose=Purpose.TRANSPORT, replica="h:1", created_at=T0))
+    with store.session() as s:
+        raw = s.connection().execute(text(
+            "SELECT kid, purpose, state FROM key_versions ORDER BY kid")).all()
+        intent = s.connection().execute(text("SELECT purpose FROM key_intents")).scalar_one()
+        enc, sig = queries.key_by_kid(s, "kid-str"), queries.key_by_kid(s, "kid-enum")
+        unknown = queries.keys_of_purpose(s, "no-such-purpose")
+    assert [tuple(r) for r in raw] == [("kid-enum", "signing", "retired"),
+                                       ("kid-str", "encryption", "active")]
+    assert intent == "transport"
+    assert enc is not None and sig is not None
+    assert enc.purpose is Purpose.ENCRYPTION and enc.state is KeyState.ACTIVE
+    assert sig.purpose is Purpose.SIGNING and sig.state is KeyState.RETIRED
+    assert unknown == []  # an unknown name finds nothing, as with a plain text column
 
 
 def test_datetimes_come_back_as_aware_utc_whatever_zone_went_in(store: Store) -> None:

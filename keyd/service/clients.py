@@ -10,6 +10,7 @@ from datetime import datetime
 from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.errors import BadRequest, Conflict, KeydError, NotFound, Unauthorized
+from keyd.store import audit as audit_sql
 from keyd.store import queries
 
 from .core import ServiceCore
@@ -45,7 +46,7 @@ class Clients(ServiceCore):
         """When each named client last acted, from the newest ``window`` audit
         events (a bounded read: older activity is not looked for)."""
         with self.store.session("console read") as session:
-            seen = queries.actors_last_seen(session, names, window)
+            seen = audit_sql.last_seen(session, names, window)
         return {name: utc(at) for name, at in seen.items()}
 
     def revoke_client(self, name: str, *, actor: str) -> None:

@@ -79,7 +79,7 @@ class Keys(Certificates):
                 raise Conflict(
                     f"{purpose.value} has {count} published keys and max_published is "
                     f"{limit}: wait until retired keys are destroyed")
-        intent = KeyIntent(id=new_key_id(), purpose=purpose.value, replica=this_replica(),
+        intent = KeyIntent(id=new_key_id(), purpose=purpose, replica=this_replica(),
                            created_at=self.clock.now())
         return intent.id if queries.claim_intent(session, intent) else None
 
@@ -152,8 +152,8 @@ class Keys(Certificates):
             now = self.clock.now()
             key = KeyVersion(
                 id=key_id,
-                purpose=purpose.value,
-                state=KeyState.AWAITING_CERTIFICATE.value,
+                purpose=purpose,
+                state=KeyState.AWAITING_CERTIFICATE,
                 kid=None,
                 backend=self.backend.capabilities.name,
                 backend_ref=generated.ref,

@@ -27,7 +27,7 @@ class Steps(ServiceCore):
     def _move(self, key: KeyVersion, new: KeyState, now: datetime) -> None:
         """``key`` goes to ``new`` at ``now``; Conflict unless lifecycle allows it."""
         lifecycle.check_transition(key.id, KeyState(key.state), new)
-        key.state = new.value
+        key.state = new
         key.state_changed_at = now
 
     def _activate_locked(self, session: Session, key: KeyVersion, *, actor: str,

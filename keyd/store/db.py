@@ -1,4 +1,4 @@
-"""The database: engine, sessions, migrations.  SQLAlchemy errors stop here.
+"""The database: sessions, migrations, error conversion.  SQLAlchemy errors stop here.
 
 SQLite (the embedded default) and PostgreSQL behave the same to callers:
 every session commits on success and rolls back on error, and a database
@@ -16,15 +16,11 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import (
-    ArgumentError,
     DBAPIError,
     IntegrityError,
-    NoSuchModuleError,
     SQLAlchemyError,
     StatementError,
 )
@@ -32,12 +28,11 @@ from sqlmodel import Session
 
 from keyd.errors import ConfigError, Conflict, StoreUnavailable
 from keyd.resources import migrations_dir
+from keyd.store.engines import BEGIN as _BEGIN
+from keyd.store.engines import make_engine, parse_url
+from keyd.store.locks import MIGRATE_LOCK, lock_transaction
 
 log = logging.getLogger(__name__)
-
-# Execution option read by the SQLite "begin" hook: how to open a transaction.
-_BEGIN = "keyd_sqlite_begin"
-
 
 _REVISION = re.compile(r"^(down_revision|revision)\b[^=]*=\s*(.+)$", re.MULTILINE)
 
@@ -63,51 +58,16 @@ def _script_head(folder: Path) -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-# A store outage stays local (one replica cut off must not stall the others):
-# - connect_timeout: fail closed fast when the server is down;
-# - TCP keepalives and tcp_user_timeout: a black-holed connection is declared
-#   dead in ~10 s instead of hanging a pooled connection for the whole outage;
-# - statement_timeout / lock_timeout: no statement or lock wait (the audit or
-#   lifecycle advisory locks included) outlasts them;
-# - idle_in_transaction_session_timeout, shorter than lock_timeout: the
-#   server ends the session of a replica that went quiet inside a
-#   transaction, releasing the locks it held (its transaction-level advisory
-#   locks die with it) before the replicas waiting on them give up.
-PG_CONNECT_ARGS: dict[str, Any] = {
-    "connect_timeout": 5,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 10_000,
-    "options": "-c statement_timeout=15000 -c lock_timeout=15000 "
-               "-c idle_in_transaction_session_timeout=5000",
-}
-
-
 class Store:
     """One database, reached through one engine (a pool of connections)."""
 
     def __init__(self, url: str) -> None:
-        parsed = _parse(url)
-        self.dialect = parsed.get_backend_name()  # "sqlite" | "postgresql"
-        self._url = parsed
+        self._url = parse_url(url)
+        self.dialect = self._url.get_backend_name()  # "sqlite" | "postgresql"
         # Sessions open on each thread, innermost last: lets the audit log
         # join the caller's transaction instead of waiting on a lock it holds.
         self._local = threading.local()
-        if self.dialect == "sqlite":
-            self._engine = _sqlite_engine(parsed)
-        else:
-            args = dict(PG_CONNECT_ARGS)
-            given = parsed.query.get("options")
-            if isinstance(given, str):  # the URL's own options come first
-                args["options"] = f"{given} {args['options']}"
-                parsed = parsed.difference_update_query(["options"])
-            self._engine = create_engine(
-                parsed,
-                pool_pre_ping=True,  # a restarted server costs one retry, not an error
-                connect_args=args,
-            )
+        self._engine = make_engine(self._url)
 
     def __repr__(self) -> str:
         return f"Store({self._url.render_as_string(hide_password=True)!r})"
@@ -139,8 +99,7 @@ class Store:
                 # and a starting daemon cannot both apply the same revision.
                 conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
                 with conn.begin():
-                    if self.dialect == "postgresql":
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+                    lock_transaction(conn, MIGRATE_LOCK)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
         except CommandError as e:
@@ -199,15 +158,43 @@ class Store:
             raise store_error(e, operation) from e
 
     def connect(self, *, write: bool = False) -> Connection:
-        """A bare connection for a long-lived writer (the audit log).
+        """A bare connection for a long-lived writer (the audit log, the lease).
 
-        The caller owns it: begin/commit per unit of work, close() when done,
-        and convert SQLAlchemy errors with ``store_error``.
+        The caller owns it: a ``transaction()`` per unit of work, ``release()``
+        when done.  StoreUnavailable when the database cannot be reached.
         """
-        conn = self._engine.connect()
-        if write:
-            conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
+        with self.converted("database connect"):
+            conn = self._engine.connect()
+            if write:
+                conn.execution_options(**{_BEGIN: "BEGIN IMMEDIATE"})
         return conn
+
+    @contextlib.contextmanager
+    def transaction(self, conn: Connection, operation: str) -> Iterator[Connection]:
+        """One transaction on a connection from ``connect()``: committed when the
+        block ends, rolled back on an error, SQLAlchemy errors converted."""
+        with self.converted(operation), conn.begin():
+            yield conn
+
+    @staticmethod
+    @contextlib.contextmanager
+    def converted(operation: str) -> Iterator[None]:
+        """Raise SQLAlchemy errors from the block as keyd's (``store_error``)."""
+        try:
+            yield
+        except SQLAlchemyError as e:
+            raise store_error(e, operation) from e
+
+    @staticmethod
+    def release(conn: Connection, *, broken: bool = False) -> None:
+        """Close a connection from ``connect()``; ``broken``: never back into the
+        pool (it may be dead, or hold a session lock).  Never raises."""
+        try:
+            if broken:
+                conn.invalidate()
+            conn.close()
+        except SQLAlchemyError as e:
+            log.warning("closing a database connection failed: %s", _reason(e))
 
     def active_session(self) -> Session | None:
         """The innermost session this thread has open on this store, if any."""
@@ -235,7 +222,8 @@ class Store:
         (SQLite lives on one host, whose clock every process shares.)
         """
         if self.dialect == "postgresql":
-            value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            with self.converted("reading the database's clock"):
+                value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
             assert isinstance(value, datetime)
             return value.astimezone(UTC)
         return datetime.now(UTC)
@@ -252,63 +240,6 @@ class Store:
 
     def close(self) -> None:
         self._engine.dispose()
-
-
-# 64-bit keys for pg_advisory_xact_lock: "keyd" + a tag, so they stay clear
-# of any other application sharing the server.
-_MIGRATE_LOCK = 0x6B657964_6D696772  # "keydmigr"
-AUDIT_LOCK = 0x6B657964_61756474  # "keydaudt"
-
-
-def _parse(url: str) -> URL:
-    try:
-        parsed = make_url(url)
-    except ArgumentError as e:
-        raise ConfigError(f"[store] url {url!r} is not a database URL: {e}") from e
-    backend = parsed.get_backend_name()
-    if backend == "postgresql":
-        # psycopg 3 is the one PostgreSQL driver keyd ships with.
-        return parsed.set(drivername="postgresql+psycopg")
-    if backend == "sqlite":
-        return parsed
-    raise ConfigError(
-        f"[store] url: unsupported database {backend!r}; use sqlite:///PATH or "
-        "postgresql+psycopg://USER@HOST/DB"
-    )
-
-
-def _sqlite_engine(url: URL) -> Engine:
-    database = url.database or ""
-    is_uri = str(url.query.get("uri", "")).lower() == "true" or database.startswith("file:")
-    if database and database != ":memory:" and not is_uri:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        engine = create_engine(url, connect_args={"check_same_thread": False})
-    except (ArgumentError, NoSuchModuleError) as e:
-        raise ConfigError(f"[store] url: {e}") from e
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control away from the sqlite3 module (it would
-        # BEGIN lazily and DEFERRED); SQLAlchemy's "begin" hook below does it.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            # WAL: readers never block the writer.  FULL: a commit is on disk
-            # when it returns (the audit log promises durability).  The busy
-            # timeout lets the CLI and the daemon queue for the write lock.
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=5000")
-            cur.execute("PRAGMA foreign_keys=ON")
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(conn.get_execution_options().get(_BEGIN, "BEGIN"))
-
-    return engine
 
 
 def store_error(e: SQLAlchemyError, operation: str) -> Exception:

@@ -13,9 +13,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from keyd.model import KeyState
+from keyd.store import locks
 from keyd.store.tables import (
     AlertSent,
-    AuditEventRow,
     Certificate,
     Client,
     DeploymentFact,
@@ -201,10 +201,6 @@ def _insert_if_absent(session: Session, table: Any, values: dict[str, Any]) -> b
 
 # ------------------------------------------------------------------ lifecycle
 
-# pg_advisory_xact_lock key for lifecycle transitions: "keydlife".
-_LIFECYCLE_LOCK = 0x6B657964_6C696665
-
-
 def lock_lifecycle(session: Session) -> None:
     """Serialise lifecycle transitions across processes until the transaction ends.
 
@@ -212,9 +208,7 @@ def lock_lifecycle(session: Session) -> None:
     ``write=True`` (BEGIN IMMEDIATE), which already holds the database's one
     write lock, so nothing more is needed.
     """
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LIFECYCLE_LOCK})")
+    locks.lock_transaction(session.connection(), locks.LIFECYCLE_LOCK)
 
 
 def keys_of_purpose(session: Session, purpose: str) -> list[KeyVersion]:
@@ -332,20 +326,3 @@ def deployment_fact(session: Session, name: str, value: str) -> str:
     row = session.get(DeploymentFact, name)
     assert row is not None
     return row.value
-
-
-# ------------------------------------------------------------------ audit activity
-
-
-def actors_last_seen(session: Session, actors: list[str], window: int) -> dict[str, datetime]:
-    """The newest event time of each of ``actors`` among the newest ``window``
-    audit events (any segment): a bounded read."""
-    recent = (select(col(AuditEventRow.actor).label("actor"), col(AuditEventRow.at).label("at"))
-              .order_by(col(AuditEventRow.at).desc())
-              .limit(window).subquery())
-    rows = session.exec(
-        select(recent.c.actor, func.max(recent.c.at))
-        .where(recent.c.actor.in_(actors))
-        .group_by(recent.c.actor)
-    ).all()
-    return {str(actor): at for actor, at in rows}

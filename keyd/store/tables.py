@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
 
+from pydantic import PlainSerializer
 from sqlalchemy import DateTime, Dialect, Index, Text, text
 from sqlalchemy.types import TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import AutoString, Field, SQLModel
 
 from keyd.clock import utc
+from keyd.model import KeyState, Purpose
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -42,6 +46,39 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else utc(value)
 
 
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[_E]):
+    """A StrEnum stored as its plain value in a text column.
+
+    The schema and the stored values are those of a ``str`` column (no
+    database enum type, no migration): ``'signing'``, not ``'SIGNING'``.
+    Rows come back as the enum.  Bound values may be the enum or its value;
+    anything else is bound as given, so a lookup by an unknown name finds
+    nothing (as it did when the column was a plain string) instead of failing.
+    """
+
+    impl = AutoString
+    cache_ok = True
+
+    def __init__(self, enum: type[_E], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.enum = enum
+
+    def process_bind_param(self, value: _E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> _E | None:
+        return None if value is None else self.enum(value)
+
+
+# Dumped (model_dump) as the plain value, whether the field holds the enum
+# or, from a caller that built the row by hand, its value.
+PurposeValue = Annotated[Purpose, PlainSerializer(str, return_type=str)]
+KeyStateValue = Annotated[KeyState, PlainSerializer(str, return_type=str)]
+
+
 def new_key_id() -> str:
     """A key version's own id: also its provisional name before a kid exists."""
     return "kv_" + secrets.token_hex(8)
@@ -65,8 +102,8 @@ class KeyVersion(SQLModel, table=True):
     )
 
     id: str = Field(default_factory=new_key_id, primary_key=True)
-    purpose: str  # keyd.model.Purpose value
-    state: str  # keyd.model.KeyState value
+    purpose: PurposeValue = Field(sa_type=EnumText(Purpose))
+    state: KeyStateValue = Field(sa_type=EnumText(KeyState))
     # NULL until a certificate fixes it; NULLs never collide under UNIQUE.
     kid: str | None = Field(default=None, unique=True)
     backend: str  # local | vault | pkcs11
@@ -96,7 +133,7 @@ class KeyIntent(SQLModel, table=True):
     __tablename__ = "key_intents"
 
     id: str = Field(primary_key=True)  # the id the key version will have
-    purpose: str = Field(unique=True)
+    purpose: PurposeValue = Field(sa_type=EnumText(Purpose), unique=True)
     backend_ref: str | None = Field(default=None)  # known once the backend made it
     replica: str  # which process made the claim
     created_at: datetime = Field(sa_type=UTCDateTime)
@@ -130,7 +167,7 @@ class Client(SQLModel, table=True):
 
 
 class AuditEventRow(SQLModel, table=True):
-    """One link of the audit hash chain (see keyd/audit.py for the hash)."""
+    """One link of the audit hash chain (see keyd/audit/chain.py for the hash)."""
 
     __tablename__ = "audit_events"
 

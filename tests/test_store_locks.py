@@ -1,0 +1,87 @@
+"""The advisory locks: one helper, and the same keys as every earlier keyd
+version, so old and new processes on one database exclude each other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from keyd.store import locks, queries
+from keyd.store.db import Store
+
+
+def _key(tag: bytes) -> int:
+    return int.from_bytes(b"keyd" + tag, "big")
+
+
+def test_every_lock_key_is_keyd_and_its_tag_as_it_always_was() -> None:
+    assert (locks.MIGRATE_LOCK, locks.AUDIT_LOCK, locks.LIFECYCLE_LOCK, locks.LEADER_LOCK) == (
+        _key(b"migr"), _key(b"audt"), _key(b"life"), _key(b"lead"))
+    # The literal numbers earlier releases compiled in.
+    assert locks.LIFECYCLE_LOCK == 0x6B657964_6C696665
+    assert locks.MIGRATE_LOCK == 0x6B657964_6D696772
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[tuple[Store, psycopg.Connection[tuple[object, ...]]]]:
+    """The store, and a plain second connection standing in for an older keyd."""
+    store = Store(postgres_url)
+    store.migrate()
+    other = psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://"),
+                            autocommit=True)
+    try:
+        yield store, other
+    finally:
+        other.close()
+        store.close()
+
+
+def _free(other: psycopg.Connection[tuple[object, ...]], sql: str, *args: object) -> bool:
+    """Could the other session take the lock right now?  (Released at once.)"""
+    with other.transaction():
+        row = other.execute(sql, args).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+@pytest.mark.postgres
+def test_the_lifecycle_lock_excludes_a_process_using_the_old_literal_key(
+        pg: tuple[Store, psycopg.Connection[tuple[object, ...]]]) -> None:
+    store, other = pg
+    old_sql = f"SELECT pg_try_advisory_xact_lock({0x6B657964_6C696665})"
+    with store.session(write=True) as session:
+        queries.lock_lifecycle(session)
+        assert not _free(other, old_sql)
+    assert _free(other, old_sql)  # the transaction ended: released
+
+
+@pytest.mark.postgres
+def test_a_segment_lock_excludes_that_segment_only(
+        pg: tuple[Store, psycopg.Connection[tuple[object, ...]]]) -> None:
+    store, other = pg
+    sql = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, %s))"
+    with store.session(write=True) as session:
+        locks.lock_transaction(session.connection(), locks.AUDIT_LOCK, "host-a:1")
+        assert not _free(other, sql, "host-a:1", locks.AUDIT_LOCK)
+        assert _free(other, sql, "host-b:2", locks.AUDIT_LOCK)
+
+
+@pytest.mark.postgres
+def test_the_leader_lock_is_held_for_the_session_and_its_holder_is_found(
+        pg: tuple[Store, psycopg.Connection[tuple[object, ...]]]) -> None:
+    store, other = pg
+    conn = store.connect()
+    try:
+        with store.transaction(conn, "test"):
+            assert locks.try_lock_session(conn, locks.LEADER_LOCK)
+        backend = other.execute("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                                " AND backend_type = 'client backend' AND datname = "
+                                "current_database()").fetchall()
+        with store.transaction(conn, "test"):
+            holder = locks.session_lock_holder(conn, locks.LEADER_LOCK)
+        assert holder is not None and (holder,) in backend
+        assert not _free(other, "SELECT pg_try_advisory_xact_lock(%s)", locks.LEADER_LOCK)
+    finally:
+        store.release(conn, broken=True)
