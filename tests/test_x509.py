@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keyd.backends.base import GeneratedKey
 from keyd.backends.local import LocalBackend
 from keyd.errors import BackendError, CertificateError
+from keyd.jose.jwks import x5c
 from keyd.model import Purpose
 from keyd.x509 import (
     BackendPrivateKey,
@@ -28,7 +29,6 @@ from keyd.x509 import (
     make_csr,
     self_signed,
     thumbprint_s256,
-    x5c,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
