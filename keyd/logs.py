@@ -26,12 +26,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from keyd.model import PRIVATE_JWK_MEMBERS
+
 REDACTED = "[REDACTED]"
 
 _B64URL = r"[A-Za-z0-9_-]"
-
-# JWK members that hold private or symmetric key material (RFC 7518 §6).
-PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 # Key names whose values are secrets wherever they appear (extras, dicts,
 # key=value text).  Matched on the whole name or its last _/- part.
