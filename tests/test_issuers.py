@@ -27,6 +27,7 @@ from keyd.config import IssuerSettings
 from keyd.errors import InvalidSignature, IssuerUnavailable
 from keyd.issuers import IssuerKeys
 from keyd.jose import b64u_encode, public_jwk, verify_jws
+from keyd.jose.keys import Curve, IssuerKey
 from tests.certs import self_signed
 
 START = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -177,7 +178,8 @@ def test_a_good_set_is_fetched_once_and_served_from_cache(
 ) -> None:
     issuer = make_issuer()
     key = issuer.key("a")
-    assert key is not None and key.get("n") == JWK_A["n"] and key.get("use") == "sig"
+    assert key is not None and key.use == "sig"
+    assert key.public.public_numbers() == KEY_A.public_key().public_numbers()
     assert issuer.key("a") is key
     assert server.count == 1
     assert issuer.fetched_at == START and issuer.last_error is None
@@ -209,7 +211,7 @@ def test_a_jws_verifies_against_the_fetched_set(make_issuer: Any) -> None:
 def test_ec_keys_on_allowed_curves_are_kept(server: JwksServer, make_issuer: Any) -> None:
     server.reply = Reply(body=_doc(_ec_jwk("ec")))
     key = make_issuer().key("ec")
-    assert key is not None and key.get("crv") == "P-256"
+    assert key is not None and key.curve is Curve.P256
 
 
 # ------------------------------------------------------------------ garbage never replaces
@@ -415,7 +417,9 @@ def test_every_key_whose_kid_appears_twice_is_dropped(server: JwksServer, make_i
 def test_kept_keys_hold_public_members_only(server: JwksServer, make_issuer: Any) -> None:
     server.reply = Reply(body=_doc({**JWK_A, "x5u": "http://169.254.169.254/", "ext": True}))
     key = make_issuer().key("a")
-    assert set(json.loads(key.export_public())) <= {"kty", "kid", "use", "alg", "n", "e"}
+    # A typed public key: nowhere to keep x5u, ext or a private member.
+    assert key == IssuerKey(kid="a", public=key.public, use="sig", alg="PS256")
+    assert isinstance(key.public, rsa.RSAPublicKey)
 
 
 # ------------------------------------------------------------------ kid storm
