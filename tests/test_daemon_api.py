@@ -19,9 +19,9 @@ from joserfc.jwk import KeySet, RSAKey
 from joserfc.registry import HeaderParameter
 
 from tests.daemon import Daemon, StaticServer, keyd, running
+from tests.fixtures.jose import PRIVATE_JWK_MEMBERS as PRIVATE_MEMBERS
 from tests.fixtures.jose import b64u, b64u_decode
 
-PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 CONSENT_ID = "18ce19c8-85be-4049-899c-21cdc02cde79"
 
 

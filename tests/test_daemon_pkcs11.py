@@ -43,12 +43,12 @@ from keyd.metrics import Metrics
 from keyd.model import Purpose
 from keyd.service import KeyService
 from tests.daemon import REPO, Daemon, keyd, start, write_config
+from tests.fixtures.jose import PRIVATE_JWK_MEMBERS as PRIVATE_MEMBERS
 from tests.fixtures.jose import b64u, b64u_decode
 from tests.fixtures.softhsm import SoftHsm, initialise_token
 
 pytestmark = pytest.mark.pkcs11
 
-PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 KEY_PURPOSES = {p.value for p in Purpose}
 
 # Reads the keys on a token back, in a process of its own (PIN on stdin, never

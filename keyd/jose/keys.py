@@ -37,13 +37,6 @@ _OPERATION_USE = {
 }
 
 
-class KeyFamily(StrEnum):
-    """The JWK ``kty`` keyd verifies with; each JWS ``alg`` needs one of them."""
-
-    RSA = "RSA"
-    EC = "EC"
-
-
 class Curve(StrEnum):
     """The JWK ``crv`` keyd accepts, with pyca's curve and the coordinate size."""
 
@@ -66,6 +59,13 @@ class Curve(StrEnum):
     def of(cls, key: ec.EllipticCurvePublicKey) -> Curve | None:
         names = {c.curve.name: c for c in cls}
         return names.get(key.curve.name)
+
+
+class KeyFamily(StrEnum):
+    """The JWK ``kty`` keyd verifies with; each JWS ``alg`` needs one of them."""
+
+    RSA = "RSA"
+    EC = "EC"
 
 
 @dataclass(frozen=True)
