@@ -45,7 +45,6 @@ from keyd.jose.keys import IssuerKey, issuer_key
 log = logging.getLogger("keyd.issuers")
 
 
-
 class _FetchFailed(Exception):
     """Internal: why a fetch produced nothing usable (goes into last_error)."""
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from keyd.clock import SettableClock
 from keyd.config import IssuerSettings
-from keyd.errors import InvalidSignature, IssuerUnavailable
+from keyd.errors import InvalidSignature, InvalidToken, IssuerUnavailable
 from keyd.issuers import IssuerKeys
 from keyd.jose import b64u_encode, public_jwk, verify_jws
 from keyd.jose.keys import Curve, IssuerKey
@@ -375,6 +375,12 @@ BAD_KEYS = {
     "x5c of another key": _rsa_members(kid="bad", x5c=JWK_A["x5c"]),
     "x5c not a certificate": _rsa_members(kid="bad", x5c=["AAAA"]),
     "x5c not a list": _rsa_members(kid="bad", x5c="MIIB"),
+    "use not a string": _rsa_members(kid="bad", use=5),
+    "alg not a string": _rsa_members(kid="bad", alg=["PS256"]),
+    "key_ops not a list": _rsa_members(kid="bad", key_ops="verify"),
+    "key_ops repeated": _rsa_members(kid="bad", key_ops=["verify", "verify"]),
+    "key_ops against use": _rsa_members(kid="bad", key_ops=["encrypt"]),
+    "x5c on an enc key": {**JWK_A, "kid": "bad", "use": "enc"},
 }
 
 
@@ -387,6 +393,23 @@ def test_unsound_keys_are_dropped_and_the_good_ones_kept(
     assert issuer.key("a") is not None
     assert issuer.key("bad") is None
     assert issuer.dropped
+
+
+def test_a_kept_key_whose_key_ops_lack_verify_verifies_nothing(
+    server: JwksServer, make_issuer: Any
+) -> None:
+    """key_ops without use is the JWK's own restriction: kept, then honoured by verify."""
+    server.reply = Reply(body=_doc(JWK_A, {k: v for k, v in JWK_B.items() if k != "use"}
+                                   | {"key_ops": ["sign"]}))
+    issuer = make_issuer()
+    key = issuer.key("b")
+    assert key is not None and key.key_ops == ("sign",) and not key.may_verify
+    header = b64u_encode(json.dumps({"alg": "PS256", "kid": "b"}).encode())
+    payload = b64u_encode(b"consent")
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    signature = b64u_encode(KEY_B.sign(f"{header}.{payload}".encode(), pss, hashes.SHA256()))
+    with pytest.raises(InvalidToken, match="does not allow verify"):
+        verify_jws(f"{header}.{payload}.{signature}", issuer.key, algorithms=["PS256"], now=START)
 
 
 def test_unsound_keys_are_logged_with_the_reason_and_reported_in_status(
