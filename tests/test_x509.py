@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -17,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyd.backends.base import GeneratedKey
 from keyd.backends.local import LocalBackend
+from keyd.config import KeydSettings
 from keyd.errors import BackendError, CertificateError
 from keyd.jose.jwks import x5c
 from keyd.model import Purpose
@@ -35,6 +38,12 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 YEAR = timedelta(days=397)
 SUBJECT = Subject(organisation="Example Bhd", client_id="client-123", country="MY")
 
+
+
+def test_the_subject_is_read_from_the_keyd_section() -> None:
+    keyd = SimpleNamespace(organisation="Example Bhd", client_id="client-123", country="MY",
+                           mode="sandbox")
+    assert Subject.of(cast(KeydSettings, keyd)) == SUBJECT
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[LocalBackend]:
