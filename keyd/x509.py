@@ -29,13 +29,14 @@ from keyd.backends.base import Backend
 from keyd.clock import utc
 from keyd.errors import BackendError, CertificateError
 from keyd.jose.jwks import cert_thumbprint, same_public_key
+from keyd.jose.jwks import x5c as x5c  # re-exported: the old import path keeps working
 from keyd.model import MIN_RSA_BITS, Purpose, SignScheme
 
 if TYPE_CHECKING:
     from keyd.config import KeydSettings
 
-# x5t#S256 is defined once, in keyd.jose.jwks; this name stays for the service
-# and the jobs, which call x509.thumbprint_s256.
+# x5t#S256 and x5c are defined once, in keyd.jose.jwks; these names stay for
+# the service and the jobs, which call x509.thumbprint_s256.
 thumbprint_s256 = cert_thumbprint
 
 CLOCK_SKEW = timedelta(minutes=5)  # not_before is backdated so a slow peer accepts it at once
