@@ -2,7 +2,7 @@
 
 Every error has a fixed machine-readable ``code`` (what API clients branch on)
 and an HTTP ``status`` that the API maps it to.  Foreign exceptions (hvac,
-pkcs11, jwcrypto, SQLAlchemy) are converted at the module that calls the
+pkcs11, httpx, SQLAlchemy) are converted at the module that calls the
 library, with ``raise ... from e``; none escapes into the service or the API.
 """
 

@@ -4,11 +4,11 @@ A JWKS is untrusted input from the network, so (THREATS "Counterparty JWKS"):
 - a fetch is bounded in time (an overall deadline, so a server dripping one
   byte a second cannot hold us) and in size, follows no redirect, and must
   answer 200 with a JSON object holding a ``keys`` list;
-- only sound public keys are kept (RSA of 2048-8192 bits with an odd modulus
-  and an odd e >= 65537, EC P-256/384/521 points on their curve, an ``x5c``
-  leaf that holds the JWK's own key); keys with private members, without a
-  kid, or whose kid appears twice are dropped, each logged with its reason
-  and shown by ``keyd status``;
+- only sound public keys are kept (``keyd.jose.keys``: RSA of 2048-8192 bits
+  with an odd modulus and an odd e >= 65537, EC P-256/384/521 points on their
+  curve; here: an ``x5c`` leaf that holds the JWK's own key); keys with
+  private members, without a kid, or whose kid appears twice are dropped,
+  each logged with its reason and shown by ``keyd status``;
 - a failed fetch, or one that yields no usable key, never replaces the last
   good set; that set is used while younger than ``max_age``, then we fail
   closed with IssuerUnavailable (503);
@@ -34,82 +34,22 @@ from typing import Any
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwcrypto import jwk as jwcrypto_jwk  # type: ignore[import-untyped]
-from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
 from keyd.clock import Clock
 from keyd.config import IssuerSettings
 from keyd.errors import InvalidToken, IssuerUnavailable, KeydError
-from keyd.jose.compact import MAX_KID_CHARS, b64u_decode, show, strict_json
+from keyd.jose.compact import MAX_KID_CHARS, show, strict_json
+from keyd.jose.jwks import same_public_key
+from keyd.jose.keys import IssuerKey, issuer_key
 
 log = logging.getLogger("keyd.issuers")
-
-PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-MIN_RSA_BITS = 2048
-MAX_RSA_BITS = 8192
-_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
-    "P-256": (ec.SECP256R1(), 32),
-    "P-384": (ec.SECP384R1(), 48),
-    "P-521": (ec.SECP521R1(), 66),
-}
-# Members carried over into the JWK we keep; anything else is dropped unseen.
-_KEPT = {"RSA": ("n", "e"), "EC": ("crv", "x", "y")}
-_COMMON = ("kty", "kid", "use", "alg", "key_ops")
 
 
 class _FetchFailed(Exception):
     """Internal: why a fetch produced nothing usable (goes into last_error)."""
 
 
-def _uint(text: object, what: str) -> int:
-    if not isinstance(text, str) or not text:
-        raise _FetchFailed(f"{what} is missing")
-    try:
-        return int.from_bytes(b64u_decode(text, InvalidToken, what), "big")
-    except InvalidToken as e:
-        raise _FetchFailed(str(e)) from e
-
-
-def _check_public(entry: dict[str, Any]) -> None:
-    """Raise _FetchFailed unless ``entry`` is a sound public key."""
-    kty = entry.get("kty")
-    if kty == "RSA":
-        n, e = _uint(entry.get("n"), "n"), _uint(entry.get("e"), "e")
-        if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
-            # Over 8192 bits is no stronger in practice, and each verify
-            # with it costs the worker thread far more: refused too.
-            raise _FetchFailed(f"RSA modulus of {n.bit_length()} bits is outside "
-                               f"{MIN_RSA_BITS}-{MAX_RSA_BITS}")
-        if n % 2 == 0:
-            raise _FetchFailed("RSA modulus is even (not a product of two odd primes)")
-        if e < 65537 or e % 2 == 0 or e >= n:
-            raise _FetchFailed(f"RSA exponent {show(e)} is not an odd number >= 65537 below n")
-        try:
-            rsa.RSAPublicNumbers(e, n).public_key()
-        except ValueError as err:
-            raise _FetchFailed(f"RSA key is invalid: {err}") from err
-        return
-    if kty == "EC":
-        crv = entry.get("crv")
-        if not isinstance(crv, str) or crv not in _CURVES:
-            raise _FetchFailed(f"EC curve {show(crv)} is not P-256, P-384 or P-521")
-        curve, size = _CURVES[crv]
-        x_text, y_text = entry.get("x"), entry.get("y")
-        for name, text in (("x", x_text), ("y", y_text)):
-            if not isinstance(text, str) or len(text) != (size * 4 + 2) // 3:
-                raise _FetchFailed(f"EC {name} is not {size} bytes")
-        try:
-            ec.EllipticCurvePublicNumbers(
-                _uint(x_text, "x"), _uint(y_text, "y"), curve
-            ).public_key()  # checks the point is on the curve
-        except ValueError as err:
-            raise _FetchFailed(f"EC point is invalid: {err}") from err
-        return
-    raise _FetchFailed(f"kty {show(kty)} is not RSA or EC")
-
-
-def _leaf_certificate(entry: dict[str, Any], key: Any) -> x509.Certificate | None:
+def _leaf_certificate(entry: dict[str, Any], key: IssuerKey) -> x509.Certificate | None:
     """The ``x5c`` leaf, which must hold exactly the JWK's key (else _FetchFailed):
     its expiry drives our alerts, and a certificate for another key would make
     them about the wrong thing."""
@@ -123,22 +63,19 @@ def _leaf_certificate(entry: dict[str, Any], key: Any) -> x509.Certificate | Non
         leaf_key = leaf.public_key()
     except (binascii.Error, ValueError) as e:
         raise _FetchFailed(f"x5c leaf is not a certificate: {show(str(e), 80)}") from e
-    try:
-        jwk_key = key.get_op_key("verify")
-    except (JWException, ValueError, TypeError, KeyError) as e:
-        raise _FetchFailed(f"the JWK cannot verify: {show(str(e), 80)}") from e
-    same = (
-        isinstance(leaf_key, rsa.RSAPublicKey) and isinstance(jwk_key, rsa.RSAPublicKey)
-        or isinstance(leaf_key, ec.EllipticCurvePublicKey)
-        and isinstance(jwk_key, ec.EllipticCurvePublicKey)
-    ) and leaf_key.public_numbers() == jwk_key.public_numbers()
-    if not same:
+    if not key.may_verify:
+        # Only the certificates of signing keys are watched for expiry.
+        raise _FetchFailed(f"the JWK cannot verify (use {show(key.use)}, "
+                           f"key_ops {show(key.key_ops)})")
+    if not same_public_key(leaf_key, key.public):
         raise _FetchFailed("the x5c leaf certificate does not hold the JWK's key")
     return leaf
 
 
-def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate], list[str]]:
-    """``(kid -> JWK, leaf certificates, reasons for dropped keys)`` of a JWKS document."""
+def usable_keys(
+    document: object,
+) -> tuple[dict[str, IssuerKey], list[x509.Certificate], list[str]]:
+    """``(kid -> key, leaf certificates, reasons for dropped keys)`` of a JWKS document."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise _FetchFailed('the JWKS is not a JSON object with a "keys" list')
     entries = [e for e in document["keys"] if isinstance(e, dict)]
@@ -148,7 +85,7 @@ def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate
         if not isinstance(e, dict)
     ]
     counts = Counter(e.get("kid") for e in entries if isinstance(e.get("kid"), str))
-    keys: dict[str, Any] = {}
+    keys: dict[str, IssuerKey] = {}
     certs: list[x509.Certificate] = []
     for entry in entries:
         kid = entry.get("kid")
@@ -159,21 +96,11 @@ def usable_keys(document: object) -> tuple[dict[str, Any], list[x509.Certificate
             # Which of the two is meant is ambiguous: neither is trusted.
             dropped.append(f"kid {show(kid)} appears {counts[kid]} times")
             continue
-        private = PRIVATE_MEMBERS & set(entry)
-        if private:
-            # A counterparty publishing private numbers is broken; do not use it.
-            dropped.append(f"kid {show(kid)} has private members {sorted(private)}")
-            continue
         try:
-            _check_public(entry)
-            kept = {m: entry[m] for m in _COMMON + _KEPT[entry["kty"]] if m in entry}
-            key = jwcrypto_jwk.JWK(**kept)
+            key = issuer_key(entry)
             cert = _leaf_certificate(entry, key)
-        except _FetchFailed as e:
+        except (_FetchFailed, InvalidToken) as e:
             dropped.append(f"kid {show(kid)}: {e}")
-            continue
-        except (JWException, ValueError, TypeError, KeyError) as e:
-            dropped.append(f"kid {show(kid)}: {show(str(e), 120)}")
             continue
         keys[kid] = key
         if cert is not None:
@@ -229,7 +156,7 @@ class IssuerKeys:
         self._own_client = client is None
         self._client = client or httpx.Client(follow_redirects=False, trust_env=False)
         self._lock = threading.Lock()  # never held across network I/O
-        self._keys: dict[str, Any] = {}
+        self._keys: dict[str, IssuerKey] = {}
         self._certs: list[x509.Certificate] = []
         self._inflight: Future[bool] | None = None
         self.fetched_at: datetime | None = None  # when the cached set was fetched
@@ -240,8 +167,8 @@ class IssuerKeys:
 
     # ------------------------------------------------------------------ public
 
-    def key(self, kid: str) -> Any:
-        """The JWK (``jwcrypto.jwk.JWK``) for ``kid``, or None when the issuer has none.
+    def key(self, kid: str) -> IssuerKey | None:
+        """The key published under ``kid``, or None when the issuer has none.
 
         Raises IssuerUnavailable when no set younger than ``max_age`` is at hand
         (or the fetch it waited for did not end within ``fetch_timeout``), and
@@ -279,8 +206,8 @@ class IssuerKeys:
         with self._lock:
             return list(self._certs)
 
-    def cached_keys(self) -> dict[str, Any]:
-        """The last good set as cached (kid -> JWK), fetching nothing (the console)."""
+    def cached_keys(self) -> dict[str, IssuerKey]:
+        """The last good set as cached (kid -> key), fetching nothing (the console)."""
         with self._lock:
             return dict(self._keys)
 

@@ -18,11 +18,12 @@ from datetime import datetime, timedelta
 
 from cryptography import x509 as cx509
 
-from keyd import deploy, lifecycle, x509
+from keyd import deploy, lifecycle
 from keyd.alerts import Alert, Alerter
 from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.errors import KeydError, RotationUnderWay
+from keyd.jose.jwks import cert_thumbprint
 from keyd.lifecycle import Step
 from keyd.metrics import LIFECYCLE
 from keyd.model import KeyState, Mode, Purpose
@@ -348,7 +349,7 @@ class Jobs:
 
 
 def _issuer_subject(name: str, leaf: cx509.Certificate) -> tuple[str, str, datetime, str]:
-    return (f"certificate:{x509.thumbprint_s256(leaf)}", f"issuer {name}",
+    return (f"certificate:{cert_thumbprint(leaf)}", f"issuer {name}",
             utc(leaf.not_valid_after_utc), f"issuer:{name}")
 
 

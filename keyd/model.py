@@ -22,7 +22,9 @@ class Purpose(StrEnum):
     @property
     def jwk_alg(self) -> str | None:
         """The `alg` published in the JWKS (transport keys carry none)."""
-        return {"transport": None, "signing": "PS256", "encryption": "RSA-OAEP-256"}[self.value]
+        return {
+            "transport": None, "signing": "PS256", "encryption": OaepHash.SHA256.jwe_alg
+        }[self.value]
 
     @property
     def signs_tokens(self) -> bool:
@@ -71,7 +73,13 @@ class OaepHash(StrEnum):
 
     @property
     def jwe_alg(self) -> str:
+        """The JWE ``alg`` of RSA-OAEP with this digest (RFC 7518 4.3)."""
         return {"sha256": "RSA-OAEP-256", "sha1": "RSA-OAEP"}[self.value]
+
+    @classmethod
+    def by_jwe_alg(cls) -> dict[str, OaepHash]:
+        """JWE ``alg`` -> digest: the key management algorithms keyd decrypts."""
+        return {h.jwe_alg: h for h in cls}
 
 
 class KidScheme(StrEnum):
@@ -81,4 +89,11 @@ class KidScheme(StrEnum):
     ASSIGNED = "assigned"  # a directory assigns it; pinned at certificate import
 
 
-ALLOWED_KEY_SIZES = (2048, 3072, 4096)
+# JWK members that hold private or secret key material (RFC 7518 6.3.2, 6.4):
+# never published, never logged, and a counterparty's JWK carrying one is dropped.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+# The smallest RSA modulus keyd makes, publishes, imports a certificate for or
+# verifies a counterparty's signature with (NIST SP 800-131A: 112-bit security).
+MIN_RSA_BITS = 2048
+ALLOWED_KEY_SIZES = (MIN_RSA_BITS, 3072, 4096)

@@ -13,10 +13,9 @@ platform's rules (RSA >= 2048, e = 65537, valid now, >= 12 months).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -29,13 +28,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keyd.backends.base import Backend
 from keyd.clock import utc
 from keyd.errors import BackendError, CertificateError
-from keyd.model import Purpose, SignScheme
+from keyd.jose.jwks import same_public_key
+from keyd.jose.jwks import x5c as x5c  # re-exported: the old import path keeps working
+from keyd.model import MIN_RSA_BITS, Purpose, SignScheme
+
+if TYPE_CHECKING:
+    from keyd.config import KeydSettings
 
 CLOCK_SKEW = timedelta(minutes=5)  # not_before is backdated so a slow peer accepts it at once
 MAX_INPUT = 64 * 1024
 MAX_CERTS = 10
 MAX_SANS = 100
-MIN_KEY_SIZE = 2048
 REQUIRED_EXPONENT = 65537
 EXPIRY_WARNING = timedelta(days=30)
 
@@ -116,6 +119,12 @@ class Subject:
     organisation: str
     client_id: str
     country: str
+
+    @classmethod
+    def of(cls, keyd: KeydSettings) -> Subject:
+        """The subject every key of this deployment is certified under ([keyd])."""
+        return cls(organisation=keyd.organisation, client_id=keyd.client_id,
+                   country=keyd.country)
 
     def name(self, purpose: Purpose) -> x509.Name:
         try:
@@ -217,7 +226,7 @@ def make_csr(
     for ext, critical in _extensions(purpose, public_key):
         builder = builder.add_extension(ext, critical=critical)
     csr = builder.sign(BackendPrivateKey(backend, ref, public_key), hashes.SHA256())
-    if not _same_key(csr.public_key(), public_key) or not csr.is_signature_valid:
+    if not same_public_key(csr.public_key(), public_key) or not csr.is_signature_valid:
         raise BackendError(
             f"key {ref}: the backend's signature does not match the given public key"
         )
@@ -280,10 +289,6 @@ def _check_sans(cert: x509.Certificate, index: int) -> None:
 # ---------------------------------------------------------------------- checking
 
 
-def _same_key(a: object, b: rsa.RSAPublicKey) -> bool:
-    return isinstance(a, rsa.RSAPublicKey) and a.public_numbers() == b.public_numbers()
-
-
 def _describe(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
 
@@ -309,16 +314,16 @@ def check_chain(
         raise CertificateError("the certificate's public key cannot be parsed") from None
     if not isinstance(leaf_key, rsa.RSAPublicKey):
         raise CertificateError(f"the certificate's key is {type(leaf_key).__name__}, not RSA")
-    if leaf_key.key_size < MIN_KEY_SIZE:
+    if leaf_key.key_size < MIN_RSA_BITS:
         raise CertificateError(
-            f"the certificate's RSA key is {leaf_key.key_size} bits; at least {MIN_KEY_SIZE}"
+            f"the certificate's RSA key is {leaf_key.key_size} bits; at least {MIN_RSA_BITS}"
         )
     e = leaf_key.public_numbers().e
     if e != REQUIRED_EXPONENT:
         # e = 3 is the classic weak exponent (Bleichenbacher's forgeries on
         # sloppy verifiers); the platform and keyd accept 65537 only.
         raise CertificateError(f"the certificate's RSA public exponent is {e}; only 65537")
-    if not _same_key(leaf_key, public_key):
+    if not same_public_key(leaf_key, public_key):
         raise CertificateError("the certificate's public key is not this key's public key")
 
     for i, cert in enumerate(chain):
@@ -377,18 +382,5 @@ def _check_link(child: x509.Certificate, parent: x509.Certificate, i: int) -> No
 # ---------------------------------------------------------------------- encoding
 
 
-def thumbprint_s256(cert: x509.Certificate) -> str:
-    """``x5t#S256``: base64url (no padding) of the SHA-256 of the DER certificate."""
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
-
-
 def chain_pem(chain: list[x509.Certificate]) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in chain)
-
-
-def x5c(chain: list[x509.Certificate]) -> list[str]:
-    """JWK ``x5c``: standard base64 (with padding) DER, leaf first (RFC 7517 4.7)."""
-    return [
-        base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain
-    ]

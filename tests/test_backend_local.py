@@ -22,11 +22,7 @@ from keyd.config import Settings, from_dict
 from keyd.errors import BackendError, ConfigError, KeyNotFound
 from keyd.model import OaepHash, Purpose, SignScheme
 from tests.backend_contract import BackendContract, oaep_encrypt, strict_pss_verify
-
-
-def b64url(data: bytes, pad: bool = False) -> str:
-    text = base64.urlsafe_b64encode(data).decode()
-    return text if pad else text.rstrip("=")
+from tests.fixtures.jose import b64u as b64url
 
 
 def mode(path: Path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -17,10 +16,7 @@ from cryptography.x509.oid import NameOID
 from joserfc.jwk import RSAKey
 
 from tests.daemon import keyd, write_config
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+from tests.fixtures.jose import b64u
 
 
 def jwks(config: Path) -> list[dict[str, object]]:

@@ -19,17 +19,10 @@ from joserfc.jwk import KeySet, RSAKey
 from joserfc.registry import HeaderParameter
 
 from tests.daemon import Daemon, StaticServer, keyd, running
+from tests.fixtures.jose import PRIVATE_JWK_MEMBERS as PRIVATE_MEMBERS
+from tests.fixtures.jose import b64u, b64u_decode
 
-PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 CONSENT_ID = "18ce19c8-85be-4049-899c-21cdc02cde79"
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64u_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class PayNet:

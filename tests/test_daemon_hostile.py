@@ -20,16 +20,12 @@ from joserfc import jwe
 from joserfc.jwk import KeySet
 
 from tests.daemon import Daemon, StaticServer, running
+from tests.fixtures.jose import b64u
 
 REFUSALS = {"invalid_token", "invalid_signature", "decryption_failed", "bad_request",
             "payload_too_large", "not_found", "forbidden"}
 ISSUER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 KID = "paynet-hostile-1"
-
-
-def b64u(data: bytes | str) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def jwk_public() -> dict[str, Any]:

@@ -4,7 +4,6 @@ however many callers are waiting on it; concurrent misses share one fetch."""
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import uuid
@@ -20,14 +19,10 @@ from joserfc import jwe
 from joserfc.jwk import KeySet
 
 from tests.daemon import Daemon, running
+from tests.fixtures.jose import b64u
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 WAITERS = 40  # more than the API's 32 worker threads
-
-
-def b64u(data: bytes | str) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def jwk(kid: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ instead; why is explained above that test.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ctypes
 import json
 import logging
@@ -44,11 +43,12 @@ from keyd.metrics import Metrics
 from keyd.model import Purpose
 from keyd.service import KeyService
 from tests.daemon import REPO, Daemon, keyd, start, write_config
+from tests.fixtures.jose import PRIVATE_JWK_MEMBERS as PRIVATE_MEMBERS
+from tests.fixtures.jose import b64u, b64u_decode
 from tests.fixtures.softhsm import SoftHsm, initialise_token
 
 pytestmark = pytest.mark.pkcs11
 
-PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 KEY_PURPOSES = {p.value for p in Purpose}
 
 # Reads the keys on a token back, in a process of its own (PIN on stdin, never
@@ -85,14 +85,6 @@ def read_token(hsm: SoftHsm) -> dict[str, dict[str, Any]]:
     )
     keys: dict[str, dict[str, Any]] = json.loads(result.stdout)
     return keys
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64u_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def hsm_tables(folder: Path, hsm: SoftHsm, *, pin: str | None = None,

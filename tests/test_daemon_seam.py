@@ -6,7 +6,6 @@ keyd makes here is checked with joserfc; every hostile one must get a JSON
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
@@ -24,20 +23,13 @@ from joserfc import jwe, jws
 from joserfc.jwk import KeySet
 
 from tests.daemon import REPO, Daemon, StaticServer, keyd, running
+from tests.fixtures.jose import b64u
+from tests.fixtures.jose import b64u_decode as unb64u
 
 CLIENT_ID = "test-client-0001"  # tests/daemon.py's [keyd] client_id
 TOKEN_ENDPOINT = "https://as.paynet.example/token"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 PAYNET_KID, ACME_KID = "paynet-seam-1", "acme-seam-1"
-
-
-def b64u(data: bytes | str) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def jwk(kid: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ or stalls the connection, a token is revoked, a private server is sealed.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from joserfc.jwk import KeySet
 
 from tests.backend_contract import strict_pss_verify
 from tests.daemon import Daemon, keyd, running, start, write_config
+from tests.fixtures.jose import b64u_decode
 from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy
 
@@ -36,10 +36,6 @@ AUDIENCE = "https://auth.sandbox.paynet.example/oauth2/token"
 # Correctness bound, not a benchmark: with a 2 s Vault timeout an outage must
 # not wait out a 5 s stall (the target is ~2 s; 4 s leaves room for a busy CI).
 OUTAGE_BOUND = 4.0
-
-
-def b64u_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def fetched_jwks(daemon: Daemon) -> KeySet:

@@ -8,7 +8,6 @@ derandomised so CI sees the same examples every run.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from collections.abc import Iterator
@@ -26,16 +25,13 @@ from keyd.errors import KeydError
 from keyd.service import Caller, KeyService
 from keyd.tokens import TokenService
 from tests.daemon import StaticServer, keyd, write_config
+from tests.fixtures.jose import b64u
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 ISSUER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 KID = "fuzz-issuer-1"
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def issuer_jwk() -> dict[str, Any]:

@@ -4,7 +4,6 @@ with the reason by the daemon, and shown in `keyd status`."""
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,13 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyd.jose import public_jwk
 from tests.certs import self_signed
 from tests.daemon import StaticServer, keyd, running
+from tests.fixtures.jose import b64u
 
 GOOD = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def jwks() -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ issuer is down, fails closed once that set is too old, and alerts both times."""
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -16,13 +15,10 @@ from keyd.clock import SettableClock
 from keyd.errors import IssuerUnavailable
 from keyd.tokens import TokenService
 from tests.daemon import StaticServer
+from tests.fixtures.jose import b64u
 from tests.test_jobs import T0, Recorder, jobs_for, open_service
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def signed(payload: bytes) -> str:

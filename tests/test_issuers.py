@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from keyd.clock import SettableClock
 from keyd.config import IssuerSettings
-from keyd.errors import InvalidSignature, IssuerUnavailable
+from keyd.errors import InvalidSignature, InvalidToken, IssuerUnavailable
 from keyd.issuers import IssuerKeys
 from keyd.jose import b64u_encode, public_jwk, verify_jws
+from keyd.jose.keys import Curve, IssuerKey
 from tests.certs import self_signed
 
 START = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -177,7 +178,8 @@ def test_a_good_set_is_fetched_once_and_served_from_cache(
 ) -> None:
     issuer = make_issuer()
     key = issuer.key("a")
-    assert key is not None and key.get("n") == JWK_A["n"] and key.get("use") == "sig"
+    assert key is not None and key.use == "sig"
+    assert key.public.public_numbers() == KEY_A.public_key().public_numbers()
     assert issuer.key("a") is key
     assert server.count == 1
     assert issuer.fetched_at == START and issuer.last_error is None
@@ -209,7 +211,7 @@ def test_a_jws_verifies_against_the_fetched_set(make_issuer: Any) -> None:
 def test_ec_keys_on_allowed_curves_are_kept(server: JwksServer, make_issuer: Any) -> None:
     server.reply = Reply(body=_doc(_ec_jwk("ec")))
     key = make_issuer().key("ec")
-    assert key is not None and key.get("crv") == "P-256"
+    assert key is not None and key.curve is Curve.P256
 
 
 # ------------------------------------------------------------------ garbage never replaces
@@ -373,6 +375,12 @@ BAD_KEYS = {
     "x5c of another key": _rsa_members(kid="bad", x5c=JWK_A["x5c"]),
     "x5c not a certificate": _rsa_members(kid="bad", x5c=["AAAA"]),
     "x5c not a list": _rsa_members(kid="bad", x5c="MIIB"),
+    "use not a string": _rsa_members(kid="bad", use=5),
+    "alg not a string": _rsa_members(kid="bad", alg=["PS256"]),
+    "key_ops not a list": _rsa_members(kid="bad", key_ops="verify"),
+    "key_ops repeated": _rsa_members(kid="bad", key_ops=["verify", "verify"]),
+    "key_ops against use": _rsa_members(kid="bad", key_ops=["encrypt"]),
+    "x5c on an enc key": {**JWK_A, "kid": "bad", "use": "enc"},
 }
 
 
@@ -385,6 +393,23 @@ def test_unsound_keys_are_dropped_and_the_good_ones_kept(
     assert issuer.key("a") is not None
     assert issuer.key("bad") is None
     assert issuer.dropped
+
+
+def test_a_kept_key_whose_key_ops_lack_verify_verifies_nothing(
+    server: JwksServer, make_issuer: Any
+) -> None:
+    """key_ops without use is the JWK's own restriction: kept, then honoured by verify."""
+    server.reply = Reply(body=_doc(JWK_A, {k: v for k, v in JWK_B.items() if k != "use"}
+                                   | {"key_ops": ["sign"]}))
+    issuer = make_issuer()
+    key = issuer.key("b")
+    assert key is not None and key.key_ops == ("sign",) and not key.may_verify
+    header = b64u_encode(json.dumps({"alg": "PS256", "kid": "b"}).encode())
+    payload = b64u_encode(b"consent")
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    signature = b64u_encode(KEY_B.sign(f"{header}.{payload}".encode(), pss, hashes.SHA256()))
+    with pytest.raises(InvalidToken, match="does not allow verify"):
+        verify_jws(f"{header}.{payload}.{signature}", issuer.key, algorithms=["PS256"], now=START)
 
 
 def test_unsound_keys_are_logged_with_the_reason_and_reported_in_status(
@@ -415,7 +440,9 @@ def test_every_key_whose_kid_appears_twice_is_dropped(server: JwksServer, make_i
 def test_kept_keys_hold_public_members_only(server: JwksServer, make_issuer: Any) -> None:
     server.reply = Reply(body=_doc({**JWK_A, "x5u": "http://169.254.169.254/", "ext": True}))
     key = make_issuer().key("a")
-    assert set(json.loads(key.export_public())) <= {"kty", "kid", "use", "alg", "n", "e"}
+    # A typed public key: nowhere to keep x5u, ext or a private member.
+    assert key == IssuerKey(kid="a", public=key.public, use="sig", alg="PS256")
+    assert isinstance(key.public, rsa.RSAPublicKey)
 
 
 # ------------------------------------------------------------------ kid storm

@@ -21,7 +21,6 @@ from joserfc import jwe, jws, jwt
 from joserfc.jwk import RSAKey
 from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
-from jwcrypto import jwk as jwcrypto_jwk  # type: ignore[import-untyped]
 
 from keyd.errors import BadRequest, DecryptionFailed, Forbidden
 from keyd.jose import (
@@ -39,6 +38,7 @@ from keyd.jose import (
     verify_jws,
     verify_jwt_claims,
 )
+from keyd.jose.keys import IssuerKey, issuer_key
 from keyd.model import KidScheme, OaepHash
 from tests.certs import self_signed
 
@@ -77,8 +77,9 @@ def joserfc_public() -> RSAKey:
     return RSAKey.import_key(SIG_JWK)
 
 
-def our_keys(kid: str) -> Any:
-    return jwcrypto_jwk.JWK(**SIG_JWK) if kid == SIG_KID else None
+def our_keys(kid: str) -> IssuerKey | None:
+    """The published JWK, read as keyd reads a counterparty's."""
+    return issuer_key(SIG_JWK) if kid == SIG_KID else None
 
 
 MESSAGE_REGISTRY = JWSRegistry(

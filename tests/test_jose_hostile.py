@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwe as joserfc_jwe
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import OctKey, RSAKey
-from jwcrypto import jwk as jwcrypto_jwk  # type: ignore[import-untyped]
 
 from keyd.errors import (
     BadRequest,
@@ -42,6 +41,8 @@ from keyd.jose import (
     verify_jws,
     verify_jwt_claims,
 )
+from keyd.jose.jwks import public_jwk
+from keyd.jose.keys import IssuerKey
 from keyd.model import OaepHash
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -52,9 +53,8 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 SIG, ENC, ECK = "sig-kid", "enc-kid", "ec-kid"
 
 
-def _jwk(public: Any, kid: str, use: str) -> Any:
-    key = jwcrypto_jwk.JWK.from_pyca(public)
-    return jwcrypto_jwk.JWK(**{**json.loads(key.export_public()), "kid": kid, "use": use})
+def _jwk(public: Any, kid: str, use: str) -> IssuerKey:
+    return IssuerKey(kid=kid, public=public, use=use)
 
 
 KEYS = {
@@ -164,7 +164,8 @@ def _public_bytes(form: str) -> bytes:
         )
     if form == "pkcs1":
         return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
-    return KEYS[SIG].export_public().encode()
+    return json.dumps(public_jwk(RSA_KEY.public_key(), kid=SIG, use="sig", alg=None,
+                                 chain=[])).encode()
 
 
 @pytest.mark.parametrize("form", ["pem", "der", "pkcs1", "jwk"])

@@ -3,7 +3,6 @@ never reach the output; the text around them does."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -20,6 +19,7 @@ from joserfc import jws
 from joserfc.jwk import RSAKey
 
 from keyd.logs import REDACTED, redact, setup_logging, wants_json
+from tests.fixtures.jose import b64u as _b64url
 
 BEFORE, AFTER = "<<before-marker", "after-marker>>"
 
@@ -29,10 +29,6 @@ class Secret:
     name: str
     text: str              # what the careless call site logs
     must_not_appear: list[str]
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _secrets() -> list[Secret]:

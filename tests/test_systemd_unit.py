@@ -19,6 +19,7 @@ from joserfc import jwe, jws
 from joserfc.jwk import KeySet
 
 from tests.daemon import Daemon, running
+from tests.fixtures.jose import b64u_decode
 from tests.fixtures.softhsm import SOFTHSM_MODULE, initialise_token
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "keyd.service"
@@ -164,10 +165,6 @@ def test_this_kernel_refuses_writable_executable_memory_under_mdwe(tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             env={**os.environ, **mdwe_env(tmp_path)}, timeout=60)
     assert result.stdout.strip() == "refused", result.stderr
-
-
-def b64u_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def exercise(daemon: Daemon) -> None:

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -17,7 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyd.backends.base import GeneratedKey
 from keyd.backends.local import LocalBackend
+from keyd.config import KeydSettings
 from keyd.errors import BackendError, CertificateError
+from keyd.jose.jwks import cert_thumbprint, x5c
 from keyd.model import Purpose
 from keyd.x509 import (
     BackendPrivateKey,
@@ -27,14 +31,18 @@ from keyd.x509 import (
     load_chain,
     make_csr,
     self_signed,
-    thumbprint_s256,
-    x5c,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 YEAR = timedelta(days=397)
 SUBJECT = Subject(organisation="Example Bhd", client_id="client-123", country="MY")
 
+
+
+def test_the_subject_is_read_from_the_keyd_section() -> None:
+    keyd = SimpleNamespace(organisation="Example Bhd", client_id="client-123", country="MY",
+                           mode="sandbox")
+    assert Subject.of(cast(KeydSettings, keyd)) == SUBJECT
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[LocalBackend]:
@@ -216,7 +224,7 @@ def test_thumbprint_pem_and_x5c_encodings(backend: LocalBackend, key: GeneratedK
     cert = self_signed(backend, key.ref, key.public_key, SUBJECT, Purpose.SIGNING, YEAR, NOW)
     der = cert.public_bytes(serialization.Encoding.DER)
     expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
-    assert thumbprint_s256(cert) == expected and len(expected) == 43 and "=" not in expected
+    assert cert_thumbprint(cert) == expected and len(expected) == 43 and "=" not in expected
     assert x5c([cert]) == [base64.b64encode(der).decode()]
     assert load_chain(chain_pem([cert]).encode()) == [cert]
 

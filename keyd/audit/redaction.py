@@ -15,10 +15,7 @@ from enum import Enum
 from typing import Any
 
 from keyd.clock import utc
-
-# JWK members that hold private or symmetric key material (RFC 7518 6.3.2,
-# 6.4): whole key names only ("p" is a secret, "pin_count" is not by this rule).
-PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+from keyd.model import PRIVATE_JWK_MEMBERS  # whole key names only: "p" is secret, "pin_count" not
 
 # Words that name secret material anywhere in a key (snake, kebab or camel case).
 SECRET_WORDS = frozenset({

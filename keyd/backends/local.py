@@ -22,7 +22,6 @@ re-decrypt a file per call); ``destroy`` drops them from the cache.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
@@ -47,6 +46,7 @@ from keyd.errors import (
     DecryptionFailed,
     KeyNotFound,
 )
+from keyd.jose.compact import b64u_decode, b64u_encode
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
 FORMAT_VERSION = 1
@@ -79,14 +79,6 @@ def _aad(ref: str, purpose: str, exportable: bool) -> bytes:
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
-
-
-def _b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64d(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -247,8 +239,10 @@ class LocalBackend:
             "ref": ref,
             "purpose": purpose.value,
             "exportable": exportable,
-            "wrapped_key": _b64e(wrap_nonce + self._master.encrypt(wrap_nonce, data_key, aad)),
-            "private_key": _b64e(key_nonce + AESGCM(data_key).encrypt(key_nonce, der, aad)),
+            "wrapped_key": b64u_encode(
+                wrap_nonce + self._master.encrypt(wrap_nonce, data_key, aad)
+            ),
+            "private_key": b64u_encode(key_nonce + AESGCM(data_key).encrypt(key_nonce, der, aad)),
         }
         body = json.dumps(envelope, indent=1).encode() + b"\n"
         final = self._path(ref)
@@ -297,7 +291,7 @@ class LocalBackend:
         # file: a file moved to another ref's name fails here.
         aad = _aad(ref, purpose, exportable)
         try:
-            blob = _b64d(wrapped)
+            blob = b64u_decode(wrapped, BackendError, f"local: the wrapped key of {ref}")
             return self._master.decrypt(blob[:_NONCE], blob[_NONCE:], aad), aad
         except (InvalidTag, ValueError, binascii.Error):
             raise BackendError(
@@ -316,7 +310,7 @@ class LocalBackend:
         if not isinstance(sealed, str):
             raise BackendError(f"local: key file for {ref} is malformed")
         try:
-            blob = _b64d(sealed)
+            blob = b64u_decode(sealed, BackendError, f"local: the sealed key of {ref}")
             der = AESGCM(data_key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
             private = serialization.load_der_private_key(der, password=None)
         except (InvalidTag, ValueError, binascii.Error, TypeError):
@@ -342,10 +336,7 @@ def _decode_master_key(text: bytes, source: str) -> bytes:
         raise ConfigError(f"master key from {source} is not base64url text") from None
     if not _B64URL.match(s):
         raise ConfigError(f"master key from {source} is not base64url text") from None
-    try:
-        key = _b64d(s.rstrip("="))
-    except (ValueError, binascii.Error):
-        raise ConfigError(f"master key from {source} is not valid base64url") from None
+    key = b64u_decode(s.rstrip("="), ConfigError, f"master key from {source}")
     if len(key) != 32:
         raise ConfigError(
             f"master key from {source} decodes to {len(key)} bytes; it must be exactly 32"
@@ -412,7 +403,7 @@ def create_master_key_file(settings: Settings) -> Path:
         raise ConfigError(f"master key file {path} cannot be created: {e.strerror}") from None
     try:
         os.fchmod(fd, 0o600)  # the umask cannot loosen it, but may have narrowed it oddly
-        os.write(fd, (_b64e(secrets.token_bytes(32)) + "\n").encode())
+        os.write(fd, (b64u_encode(secrets.token_bytes(32)) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -238,16 +238,10 @@ def _issuer_keys(issuer: IssuerKeys) -> list[IssuerKeyRow]:
         except ValueError:
             continue
     rows = []
-    for kid, jwk in sorted(issuer.cached_keys().items()):
-        kty = str(jwk.get("kty"))
-        try:
-            public = jwk.get_op_key("verify")
-            spki = _spki(public)
-            size = f"{public.key_size} bits" if kty == "RSA" else str(jwk.get("crv"))
-        except Exception:  # noqa: BLE001 - a display detail; the key was vetted at fetch
-            spki, size = b"", "?"
-        rows.append(IssuerKeyRow(kid=kid, kty=kty, alg=jwk.get("alg"), use=jwk.get("use"),
-                                 size=size, not_after=expiry.get(spki)))
+    for kid, key in sorted(issuer.cached_keys().items()):
+        size = f"{key.public.key_size} bits" if key.curve is None else str(key.curve)
+        rows.append(IssuerKeyRow(kid=kid, kty=str(key.family), alg=key.alg, use=key.use,
+                                 size=size, not_after=expiry.get(_spki(key.public))))
     return rows
 
 

@@ -5,7 +5,8 @@ the backend); verification of incoming tokens applies keyd's own allow-lists
 before any library or key sees the token.  Every failure is a keyd.errors type.
 
 - compact: strict base64url, header parsing (no duplicates, bounded)
-- jwks:    kid schemes, our public JWKs, the JWKS document
+- jwks:    kid schemes, x5t#S256 and x5c, our public JWKs, the JWKS document
+- keys:    counterparties' JWKs read into typed IssuerKeys
 - jws:     making JWS, JWTs and client assertions
 - jwe:     decrypting JWE addressed to us
 - verify:  verifying counterparties' JWS and JWT claims
@@ -20,7 +21,14 @@ from keyd.jose.compact import (
     strict_json,
 )
 from keyd.jose.jwe import CekDecrypter, JweResult, decrypt_jwe, parse_jwe_header
-from keyd.jose.jwks import cert_thumbprint, jwks_document, kid_for, public_jwk
+from keyd.jose.jwks import (
+    cert_thumbprint,
+    jwks_document,
+    kid_for,
+    public_jwk,
+    same_public_key,
+    x5c,
+)
 from keyd.jose.jws import (
     PROTECTED_HEADER_NAMES,
     Signer,
@@ -28,12 +36,21 @@ from keyd.jose.jws import (
     sign_jws,
     sign_jwt,
 )
+from keyd.jose.keys import IssuerKey, issuer_key
 from keyd.jose.links import UniversalLink, parse_universal_link, universal_link_consent
-from keyd.jose.verify import VerifiedJws, check_time_claims, verify_jws, verify_jwt_claims
+from keyd.jose.verify import (
+    ISSUER_ALGORITHMS,
+    VerifiedJws,
+    check_time_claims,
+    verify_jws,
+    verify_jwt_claims,
+)
 
 __all__ = [
+    "ISSUER_ALGORITHMS",
     "PROTECTED_HEADER_NAMES",
     "CekDecrypter",
+    "IssuerKey",
     "JweResult",
     "Signer",
     "UniversalLink",
@@ -44,6 +61,7 @@ __all__ = [
     "check_time_claims",
     "client_assertion",
     "decrypt_jwe",
+    "issuer_key",
     "json_object_content",
     "jwks_document",
     "kid_for",
@@ -51,10 +69,12 @@ __all__ = [
     "parse_universal_link",
     "public_jwk",
     "read_content",
+    "same_public_key",
     "sign_jws",
     "sign_jwt",
     "strict_json",
     "universal_link_consent",
     "verify_jws",
     "verify_jwt_claims",
+    "x5c",
 ]

@@ -44,7 +44,8 @@ def b64u_decode(text: str, error: type[KeydError] = BadRequest, what: str = "val
     if not _B64U.fullmatch(text):
         raise error(f"{what} is not base64url without padding")
     if len(text) % 4 == 1:
-        raise error(f"{what} has an impossible base64url length {len(text)}")
+        raise error(f"{what} is not valid base64url: {len(text)} characters is an "
+                    "impossible length")
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as e:

@@ -31,7 +31,7 @@ from keyd.model import OaepHash
 
 CekDecrypter = Callable[[bytes, OaepHash], bytes]
 
-KEY_MANAGEMENT = {"RSA-OAEP-256": OaepHash.SHA256, "RSA-OAEP": OaepHash.SHA1}
+KEY_MANAGEMENT = OaepHash.by_jwe_alg()
 
 
 @dataclass(frozen=True)

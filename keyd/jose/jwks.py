@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyd.errors import BadRequest
 from keyd.jose.compact import MAX_KID_CHARS, b64u_encode, show
@@ -29,12 +29,25 @@ def _thumbprint_input(public_key: rsa.RSAPublicKey) -> bytes:
 
 
 def cert_thumbprint(cert: x509.Certificate) -> str:
-    """``x5t#S256``: base64url SHA-256 of the certificate's DER."""
+    """``x5t#S256``: base64url (no padding) SHA-256 of the certificate's DER."""
     return b64u_encode(hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest())
 
 
-def _same_key(a: rsa.RSAPublicKey, b: object) -> bool:
-    return isinstance(b, rsa.RSAPublicKey) and a.public_numbers() == b.public_numbers()
+def x5c(chain: list[x509.Certificate]) -> list[str]:
+    """JWK ``x5c``: standard base64 (with padding, not base64url) DER, leaf
+    first (RFC 7517 4.7)."""
+    return [
+        base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in chain
+    ]
+
+
+def same_public_key(a: object, b: object) -> bool:
+    """Both the same RSA key, or both the same EC key (curve and point)."""
+    if isinstance(a, rsa.RSAPublicKey) and isinstance(b, rsa.RSAPublicKey):
+        return a.public_numbers() == b.public_numbers()
+    if isinstance(a, ec.EllipticCurvePublicKey) and isinstance(b, ec.EllipticCurvePublicKey):
+        return a.public_numbers() == b.public_numbers()
+    return False
 
 
 def kid_for(
@@ -48,7 +61,7 @@ def kid_for(
         if cert is None:
             raise BadRequest("kid scheme x5t#S256 needs the key's certificate")
         # A thumbprint of someone else's certificate would name the wrong key.
-        if not _same_key(public_key, cert.public_key()):
+        if not same_public_key(public_key, cert.public_key()):
             raise BadRequest("the certificate's public key is not this key")
         return cert_thumbprint(cert)
     if scheme is KidScheme.RFC7638:
@@ -93,13 +106,9 @@ def public_jwk(
     if alg is not None:
         jwk["alg"] = alg
     if chain:
-        if not _same_key(public_key, chain[0].public_key()):
+        if not same_public_key(public_key, chain[0].public_key()):
             raise BadRequest(f"the leaf certificate of kid {show(kid)} does not hold its key")
-        # x5c is standard base64 (RFC 7517 4.7), not base64url.
-        jwk["x5c"] = [
-            base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
-            for c in chain
-        ]
+        jwk["x5c"] = x5c(chain)
         jwk["x5t#S256"] = cert_thumbprint(chain[0])
     return jwk
 

@@ -1,9 +1,10 @@
 """Verifying JWS from counterparties, under allow-lists keyd enforces itself.
 
-jwcrypto's defaults are far wider than keyd's profile (RS256, duplicate
-header members, keys from the token's own headers), so every rule below is
-checked here *before* any key is looked up, and the signature itself is
-checked with pyca/cryptography on the public key of the configured JWKS.
+Common JOSE libraries' defaults are far wider than keyd's profile (RS256,
+duplicate header members, keys from the token's own headers), so every rule
+below is checked here *before* any key is looked up, and the signature itself
+is checked with pyca/cryptography on the public key of the configured JWKS
+(an :class:`~keyd.jose.keys.IssuerKey`).
 Order matters: cheap structural refusals first, the key lookup after the
 header is known to be acceptable, the replay record only after the
 signature is good (otherwise forged tokens could burn genuine jtis).
@@ -20,8 +21,6 @@ from cryptography import exceptions as crypto_exceptions
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from jwcrypto import jwk as jwcrypto_jwk  # type: ignore[import-untyped]
-from jwcrypto.common import JWException  # type: ignore[import-untyped]
 
 from keyd.errors import BadRequest, InvalidSignature, InvalidToken
 from keyd.jose.compact import (
@@ -33,30 +32,32 @@ from keyd.jose.compact import (
     split_compact,
     strict_json,
 )
+from keyd.jose.keys import Curve, IssuerKey, KeyFamily, PublicKey
+from keyd.model import MIN_RSA_BITS
 
-KeyLookup = Callable[[str], Any]  # kid -> jwcrypto.jwk.JWK | None (an IssuerKeys.key)
+KeyLookup = Callable[[str], IssuerKey | None]  # IssuerKeys.key
 ReplayCheck = Callable[[str, datetime], bool]  # (jti, keep until) -> seen before?
 
 
 @dataclass(frozen=True)
 class _Alg:
-    kty: str
+    family: KeyFamily
     digest: type[hashes.HashAlgorithm]
-    curve: str | None = None  # JWK crv for EC
-    coord: int = 0  # bytes per EC coordinate in the raw r||s signature
+    curve: Curve | None = None  # for EC: the one curve this alg signs on
 
 
 # Everything keyd could ever accept; the per-issuer allow-list narrows it.
 # RS256 (PKCS#1 v1.5), HS* and "none" are absent on purpose.
 _ALGS = {
-    "PS256": _Alg("RSA", hashes.SHA256),
-    "PS384": _Alg("RSA", hashes.SHA384),
-    "PS512": _Alg("RSA", hashes.SHA512),
-    "ES256": _Alg("EC", hashes.SHA256, "P-256", 32),
-    "ES384": _Alg("EC", hashes.SHA384, "P-384", 48),
-    "ES512": _Alg("EC", hashes.SHA512, "P-521", 66),
+    "PS256": _Alg(KeyFamily.RSA, hashes.SHA256),
+    "PS384": _Alg(KeyFamily.RSA, hashes.SHA384),
+    "PS512": _Alg(KeyFamily.RSA, hashes.SHA512),
+    "ES256": _Alg(KeyFamily.EC, hashes.SHA256, Curve.P256),
+    "ES384": _Alg(KeyFamily.EC, hashes.SHA384, Curve.P384),
+    "ES512": _Alg(KeyFamily.EC, hashes.SHA512, Curve.P521),
 }
-_CURVES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
+# The JWS algorithms an issuer's allow-list ([issuers.<name>] algorithms) may name.
+ISSUER_ALGORITHMS = frozenset(_ALGS)
 # A token never names its own key: only the configured JWKS counts, and we make
 # no outbound request on a token's say-so (SSRF to 169.254.169.254 and friends).
 _KEY_FROM_TOKEN = ("jku", "x5u", "jwk", "x5c")
@@ -84,7 +85,6 @@ _STANDARD_NAMES = frozenset(
 # What keyd understands: RFC 7797 b64 and PayNet's message-signing claims.
 _UNDERSTOOD_CRIT = frozenset({"b64", "iss", "iat", "jti"})
 MAX_JTI_CHARS = 256
-MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True)
@@ -193,43 +193,28 @@ def _payload(segment: str, payload_b64: str | None, b64: bool) -> tuple[bytes, b
     return payload, segment.encode("ascii")
 
 
-def _public_key(key: Any, alg: str, kid: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+def _public_key(key: IssuerKey | None, alg: str, kid: str) -> PublicKey:
     """The verification key, refused unless its type, curve and use fit ``alg``."""
     spec = _ALGS[alg]
-    if not isinstance(key, jwcrypto_jwk.JWK):
+    if not isinstance(key, IssuerKey):
         raise InvalidSignature(f"kid {show(kid)} has no usable key")
-    use = key.get("use")
-    if use is not None and use != "sig":
-        raise InvalidToken(f"kid {show(kid)} is a {show(use)} key, not a signing key")
-    ops = key.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        raise InvalidToken(f"kid {show(kid)} does not allow verify (key_ops {show(ops)})")
-    if key.get("alg") not in (None, alg):
-        raise InvalidToken(f"kid {show(kid)} is pinned to alg {show(key.get('alg'))}, not {alg}")
-    if key.get("kty") != spec.kty or (spec.curve and key.get("crv") != spec.curve):
+    if key.use is not None and key.use != "sig":
+        raise InvalidToken(f"kid {show(kid)} is a {show(key.use)} key, not a signing key")
+    if key.key_ops is not None and "verify" not in key.key_ops:
+        raise InvalidToken(f"kid {show(kid)} does not allow verify (key_ops {show(key.key_ops)})")
+    if key.alg not in (None, alg):
+        raise InvalidToken(f"kid {show(kid)} is pinned to alg {show(key.alg)}, not {alg}")
+    if key.family is not spec.family or key.curve is not spec.curve:
         raise InvalidToken(
-            f"alg {alg} needs a {spec.kty} {spec.curve or ''} key; kid {show(kid)} is "
-            f"{show(key.get('kty'))} {show(key.get('crv') or '')}".replace("  ", " ")
+            f"alg {alg} needs a {spec.family} {spec.curve or ''} key; kid {show(kid)} is "
+            f"{key.family} {key.curve or ''}".replace("  ", " ").rstrip()
         )
-    try:
-        public = key.get_op_key("verify")
-    except (JWException, ValueError, TypeError, KeyError) as e:
-        raise InvalidToken(f"kid {show(kid)} cannot verify: {show(str(e), 120)}") from e
-    if spec.kty == "RSA":
-        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < MIN_RSA_BITS:
-            raise InvalidToken(f"kid {show(kid)} is not an RSA key of at least {MIN_RSA_BITS} bits")
-        return public
-    if (
-        not isinstance(public, ec.EllipticCurvePublicKey)
-        or public.curve.name != _CURVES[spec.curve or ""]
-    ):
-        raise InvalidToken(f"kid {show(kid)} is not on curve {spec.curve}")
-    return public
+    if isinstance(key.public, rsa.RSAPublicKey) and key.public.key_size < MIN_RSA_BITS:
+        raise InvalidToken(f"kid {show(kid)} is not an RSA key of at least {MIN_RSA_BITS} bits")
+    return key.public
 
 
-def _check_signature(
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, alg: str, signature: bytes, data: bytes
-) -> None:
+def _check_signature(public: PublicKey, alg: str, signature: bytes, data: bytes) -> None:
     spec = _ALGS[alg]
     digest = spec.digest()
     try:
@@ -246,12 +231,11 @@ def _check_signature(
             pss = padding.PSS(mgf=padding.MGF1(spec.digest()), salt_length=digest.digest_size)
             public.verify(signature, data, pss, digest)
             return
-        if len(signature) != 2 * spec.coord:  # JWS ECDSA is raw r||s, fixed length
-            raise InvalidSignature(
-                f"an {alg} signature is {2 * spec.coord} bytes, not {len(signature)}"
-            )
-        r = int.from_bytes(signature[: spec.coord], "big")
-        s = int.from_bytes(signature[spec.coord :], "big")
+        coord = spec.curve.coordinate_bytes if spec.curve else 0
+        if len(signature) != 2 * coord:  # JWS ECDSA is raw r||s, fixed length
+            raise InvalidSignature(f"an {alg} signature is {2 * coord} bytes, not {len(signature)}")
+        r = int.from_bytes(signature[:coord], "big")
+        s = int.from_bytes(signature[coord:], "big")
         public.verify(encode_dss_signature(r, s), data, ec.ECDSA(digest))
     except (crypto_exceptions.InvalidSignature, ValueError) as e:
         raise InvalidSignature("the JWS signature does not verify") from e

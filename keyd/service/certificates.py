@@ -10,7 +10,8 @@ from keyd import jose, lifecycle, x509
 from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.errors import BadRequest, CertificateError, Conflict
-from keyd.model import KeyState, KidScheme, Mode, Purpose
+from keyd.jose.jwks import cert_thumbprint
+from keyd.model import MIN_RSA_BITS, KeyState, KidScheme, Mode, Purpose
 from keyd.store import queries
 from keyd.store.tables import Certificate, KeyVersion
 
@@ -20,11 +21,7 @@ from .values import KeyInfo, key_info, load_public
 
 class Certificates(Steps):
     def _subject(self) -> x509.Subject:
-        return x509.Subject(
-            organisation=self.settings.keyd.organisation,
-            client_id=self.settings.keyd.client_id,
-            country=self.settings.keyd.country,
-        )
+        return x509.Subject.of(self.settings.keyd)
 
     def _attach_certificate(
         self,
@@ -56,7 +53,7 @@ class Certificates(Steps):
         queries.add_certificate(session, Certificate(
             key_id=key.id,
             chain_pem=x509.chain_pem(chain),
-            thumbprint_s256=x509.thumbprint_s256(leaf),
+            thumbprint_s256=cert_thumbprint(leaf),
             not_before=utc(leaf.not_valid_before_utc),
             not_after=utc(leaf.not_valid_after_utc),
             source=source,
@@ -115,13 +112,13 @@ class Certificates(Steps):
                 production=self.settings.keyd.mode is Mode.PRODUCTION
                 and not self.settings.keyd.throwaway,
             )
-            if int(key.key_size) < 2048:
-                raise CertificateError(f"key {kid_or_id} is under 2048 bits")
+            if int(key.key_size) < MIN_RSA_BITS:
+                raise CertificateError(f"key {kid_or_id} is under {MIN_RSA_BITS} bits")
             self._attach_certificate(session, key, chain, "imported", assigned_kid)
             self.audit.record(
                 AuditEvent(
                     actor=actor, action="certificate.import", kid=key.kid, purpose=key.purpose,
-                    detail={"id": key.id, "thumbprint": x509.thumbprint_s256(chain[0]),
+                    detail={"id": key.id, "thumbprint": cert_thumbprint(chain[0]),
                             "state": key.state, "warnings": warnings},
                 )
             )

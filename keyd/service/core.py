@@ -50,7 +50,7 @@ class ServiceCore:
         self.clock = clock
         self.policies = load_policies(settings.keyd.policies_dir, settings.keyd.client_id)
         self.issuers: dict[str, IssuerKeys] = {}
-        if settings.issuers:  # httpx and jwcrypto are imported only when there is one
+        if settings.issuers:  # httpx is imported only when there is one
             from keyd.issuers import IssuerKeys
 
             self.issuers = {

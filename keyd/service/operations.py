@@ -44,7 +44,7 @@ class Operations(Publication):
         reveals nothing).
         """
         backend = self.backend
-        offered = {h.jwe_alg: h for h in OaepHash}.get(str(alg))
+        offered = OaepHash.by_jwe_alg().get(str(alg))
         if offered is not None and offered not in backend.capabilities.oaep_hashes:
             raise InvalidToken(
                 f"{offered.jwe_alg} is not supported by the {backend.capabilities.name} "

@@ -57,7 +57,7 @@ from keyd.errors import (
     KeydError,
     KeyNotFound,
 )
-from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
+from keyd.model import ALLOWED_KEY_SIZES, MIN_RSA_BITS, OaepHash, Purpose, SignScheme
 
 log = logging.getLogger("keyd.backends.pkcs11")
 
@@ -204,7 +204,7 @@ class Pkcs11Backend:
         private: Any
         try:
             public, private = session.generate_keypair(
-                KeyType.RSA, 2048, store=False,
+                KeyType.RSA, MIN_RSA_BITS, store=False,
                 capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
                 private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
             )
