@@ -1,256 +1,48 @@
-"""config.toml, read once into frozen, typed settings.
+"""config.toml, read once into frozen, typed settings (:mod:`keyd.config.settings`).
 
 Every error names the offending key (``[lifecycle.signing] validity``) and
 the value.  Relative paths resolve against the config file's folder.  Secrets
-never come from config.toml itself: only from a file, an environment variable
-or a systemd credential, and they print masked.
+never come from config.toml itself (:mod:`keyd.config.secrets`).  Each
+``[backend.<kind>]`` table is read by that backend's plugin, and what the
+chosen backend can do (its static ``Capabilities``) sets the defaults that
+depend on it.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
-import re
 import tomllib
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keyd import backends
+from keyd.backends.base import Capabilities
+from keyd.config.settings import (
+    AlertSettings,
+    ApiSettings,
+    BackendSettings,
+    IssuerSettings,
+    KeydSettings,
+    LifecycleSettings,
+    Listen,
+    PublicSettings,
+    SchedulerSettings,
+    Settings,
+    SmtpSettings,
+    StoreSettings,
+    TransportDeploySettings,
+    WebhookSettings,
+)
+from keyd.config.table import Table, one_of, parse_duration, resolve_path
 from keyd.errors import ConfigError
 from keyd.model import ALLOWED_KEY_SIZES, KidScheme, Mode, Purpose
 from keyd.resources import default_policies_dir
 
-_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_PRODUCTION_VALIDITY = timedelta(days=365)
-
-
-def one_of(values: Iterable[object], last: str = "or") -> str:
-    """Values in plain words: ``2048, 3072 or 4096`` (never a Python repr of a list)."""
-    words = [str(v) for v in values]
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
-
-
-def parse_duration(value: object, where: str) -> timedelta:
-    """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"`` (``"0s"`` allowed) -> timedelta."""
-    if not isinstance(value, str) or not (m := _DURATION.match(value.strip())):
-        raise ConfigError(f"{where}: {value!r} is not a duration like \"90s\", \"15m\", \"7d\"")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-
-
-class Secret:
-    """A secret value that never shows itself in repr, str or a log line."""
-
-    __slots__ = ("_value", "source")
-
-    def __init__(self, value: bytes, source: str) -> None:
-        self._value = value
-        self.source = source  # where it came from, safe to log
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret(from {self.source}, '**********')"
-
-    __str__ = __repr__
-
-
-def read_secret(file: Path | None, env: str, credential: str) -> Secret | None:
-    """The first of: a file, an environment variable, a systemd credential."""
-    if file is not None and file.is_file():
-        return Secret(file.read_bytes().strip(), f"file {file}")
-    if env and (value := os.environ.get(env)):
-        return Secret(value.strip().encode(), f"${env}")
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and credential and (path := Path(creds) / credential).is_file():
-        return Secret(path.read_bytes().strip(), f"systemd credential {credential}")
-    return None
-
-
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class KeydSettings:
-    mode: Mode
-    data_dir: Path
-    client_id: str
-    organisation: str
-    kid: KidScheme
-    policies_dir: Path
-    publish_transport: bool
-    throwaway: bool  # a test store: certificate validity under 12 months allowed
-    country: str
-
-
-@dataclass(frozen=True)
-class PublicSettings:
-    listen: Listen
-    max_age: int
-
-
-@dataclass(frozen=True)
-class ApiSettings:
-    listen: Listen | None
-    socket: Path | None
-    max_body: int  # bytes
-    rate_limit: float  # requests a second per client (0: no limit)
-    rate_burst: int  # requests a client may make at once before the rate applies
-    header_timeout: timedelta  # a request's headers must arrive within this
-    body_timeout: timedelta  # and its body within this
-    max_header_bytes: int
-    workers: int = 1  # serving processes on the same listeners ("auto": one per core)
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    url: str
-
-
-@dataclass(frozen=True)
-class LocalBackendSettings:
-    master_key_file: Path
-
-
-@dataclass(frozen=True)
-class VaultBackendSettings:
-    addr: str
-    mount: str
-    key_prefix: str
-    namespace: str
-    auth: str  # "token" | "approle"
-    token_file: Path | None
-    role_id: str
-    secret_id_file: Path | None
-    timeout: float  # seconds per request; an outage answers 503 within 2 s
-    approle_mount: str = "approle"  # where the AppRole auth method is mounted
-
-
-@dataclass(frozen=True)
-class Pkcs11BackendSettings:
-    module: Path
-    token_label: str
-    token_serial: str
-    pin_file: Path | None
-    oaep_sha256: str  # "auto" | "token" | "raw": see keyd/backends/pkcs11.py
-    sessions: int
-
-
-@dataclass(frozen=True)
-class BackendSettings:
-    kind: str  # "local" | "vault" | "pkcs11"
-    local: LocalBackendSettings
-    vault: VaultBackendSettings
-    pkcs11: Pkcs11BackendSettings
-
-
-@dataclass(frozen=True)
-class LifecycleSettings:
-    purpose: Purpose
-    enabled: bool
-    key_size: int
-    validity: timedelta
-    rotate_after: timedelta
-    prepublish: timedelta
-    overlap: timedelta
-    renew_before: timedelta
-    exportable: bool  # transport only: the TLS terminator needs the private key
-    max_published: int = 10  # a rotation that would publish more keys is refused
-
-
-@dataclass(frozen=True)
-class WebhookSettings:
-    url: str
-    timeout: float  # seconds per attempt
-    retries: int  # attempts after the first
-    backoff: timedelta  # first retry delay; doubles each time
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    host: str
-    port: int
-    sender: str  # `from` in config.toml
-    to: tuple[str, ...]
-    starttls: bool
-    username: str
-    password_file: Path | None  # else $KEYD_SMTP_PASSWORD or the credential `smtp-password`
-    timeout: float
-
-
-@dataclass(frozen=True)
-class AlertSettings:
-    thresholds: tuple[timedelta, ...]
-    webhook: WebhookSettings | None = None
-    smtp: SmtpSettings | None = None
-
-
-@dataclass(frozen=True)
-class TransportDeploySettings:
-    """Where the active transport key goes for the TLS terminator (unset: nowhere)."""
-
-    cert_path: Path | None = None
-    key_path: Path | None = None
-    reload_command: tuple[str, ...] = ()  # argv, run without a shell
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    interval: timedelta = timedelta(seconds=60)
-    renew_interval: timedelta = timedelta(minutes=5)  # backend credential renewal
-    # A key intent older than this whose process may still live is erased by recovery.
-    intent_grace: timedelta = timedelta(minutes=10)
-    lease: timedelta = timedelta(seconds=10)  # leader lease among replicas and workers
-
-
-@dataclass(frozen=True)
-class IssuerSettings:
-    name: str
-    jwks_uri: str
-    algorithms: tuple[str, ...]
-    max_age: timedelta  # how long a fetched set is trusted
-    refetch_cooldown: timedelta  # at most one refetch per cool-down on an unknown kid
-    iat_max_age: timedelta  # PayNet: a message signature's iat within 5 minutes
-    fetch_timeout: float
-    max_bytes: int
-    iss: str = ""  # when set, a message's `iss` (header or claim) must equal it
-    require: tuple[str, ...] = ()  # protected-header members every message must carry
-    leeway: timedelta = timedelta(seconds=10)  # clock leeway for exp / nbf / iat
-    link_prefixes: tuple[str, ...] = ()  # universal links: allowed prefixes of the link
-    redirect_uri_prefixes: tuple[str, ...] = ()  # ... and of its redirect_uri
-
-
-@dataclass(frozen=True)
-class Settings:
-    path: Path
-    keyd: KeydSettings
-    public: PublicSettings
-    api: ApiSettings
-    store: StoreSettings
-    backend: BackendSettings
-    lifecycle: dict[Purpose, LifecycleSettings]
-    alerts: AlertSettings
-    issuers: dict[str, IssuerSettings] = field(default_factory=dict)
-    deploy: TransportDeploySettings = field(default_factory=TransportDeploySettings)
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-
-    def enabled_purposes(self) -> list[Purpose]:
-        return [p for p in Purpose if self.lifecycle[p].enabled]
-
-
-# --------------------------------------------------------------------------- reading
-
 _ISSUER_ALGS = {"PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 _SANDBOX_DEFAULTS = {
     "validity": "397d",
@@ -270,66 +62,11 @@ _PRODUCTION_DEFAULTS = {
 }
 
 
-class _Table:
-    """A TOML table that remembers which keys were read, to refuse unknown ones."""
 
-    def __init__(self, data: object, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"[{where}] must be a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.seen: set[str] = set()
-
-    def _get(self, key: str, default: object) -> object:
-        self.seen.add(key)
-        return self.data.get(key, default)
-
-    def name(self, key: str) -> str:
-        return f"[{self.where}] {key}"
-
-    def text(self, key: str, default: str) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.name(key)} must be a string, not {value!r}")
-        return value
-
-    def integer(self, key: str, default: int) -> int:
-        value = self._get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{self.name(key)} must be an integer, not {value!r}")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.name(key)} must be true or false, not {value!r}")
-        return value
-
-    def duration(self, key: str, default: str) -> timedelta:
-        return parse_duration(self._get(key, default), self.name(key))
-
-    def table(self, key: str) -> _Table:
-        return _Table(self._get(key, {}), f"{self.where}.{key}" if self.where else key)
-
-    def str_list(self, key: str, default: list[str]) -> list[str]:
-        value = self._get(key, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self.name(key)} must be a list of strings, not {value!r}")
-        return value
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            where = f"[{self.where}] has unknown key" if self.where else "unknown table"
-            near = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
-            hint = f"; did you mean `{near[0]}`?" if near else ""
-            raise ConfigError(f"{where} {unknown[0]!r}{hint}")
-
-
-def _workers(table: _Table) -> int | None:
+def _workers(table: Table) -> int | None:
     """``[api] workers``: "auto" (None here: decided once the backend is known)
     or 1 and up."""
-    value = table._get("workers", "auto")
+    value = table.get("workers", "auto")
     if value == "auto":
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
@@ -357,23 +94,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _path(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (base / p)
-
-
 def _policies_dir(base: Path, value: str) -> Path:
     """``policies_dir`` when set; else ``policies/`` beside the config file when
     it exists (an operator's /etc/keyd/policies); else the shipped defaults."""
     if value:
-        return _path(base, value)
+        return resolve_path(base, value)
     if (beside := base / "policies").is_dir():
         return beside
     return default_policies_dir()
 
 
 def _read_lifecycle(
-    t: _Table, purpose: Purpose, mode: Mode, throwaway: bool, backend: str
+    t: Table, purpose: Purpose, mode: Mode, throwaway: bool, backend: Capabilities
 ) -> LifecycleSettings:
     defaults = _PRODUCTION_DEFAULTS if mode is Mode.PRODUCTION else _SANDBOX_DEFAULTS
     size = t.integer("key_size", 2048)
@@ -390,7 +122,8 @@ def _read_lifecycle(
         renew_before=t.duration("renew_before", defaults["renew_before"]),
         # An HSM never lets a key out, so there the transport key stays on the
         # token (a TLS terminator then uses the token through PKCS#11).
-        exportable=t.flag("exportable", purpose is Purpose.TRANSPORT and backend != "pkcs11"),
+        exportable=t.flag("exportable",
+                          purpose is Purpose.TRANSPORT and backend.exports_private_keys),
         max_published=t.integer("max_published", 10),
     )
     t.done()
@@ -398,9 +131,10 @@ def _read_lifecycle(
         raise ConfigError(f"{t.name('max_published')} must be at least 2 (old and new key)")
     if settings.exportable and purpose is not Purpose.TRANSPORT:
         raise ConfigError(f"{t.name('exportable')}: only the transport key may be exportable")
-    if settings.exportable and backend == "pkcs11":
+    if settings.exportable and not backend.exports_private_keys:
         raise ConfigError(
-            f"{t.name('exportable')}: keys on an HSM are never exportable; set it to false"
+            f"{t.name('exportable')}: keys on the {backend.name} backend are never "
+            "exportable; set it to false"
         )
     if settings.validity < MIN_PRODUCTION_VALIDITY and not throwaway:
         raise ConfigError(
@@ -421,7 +155,7 @@ def _read_lifecycle(
 _REQUIRABLE = frozenset({"iat", "jti", "iss", "crit", "typ", "cty"})
 
 
-def _prefixes(t: _Table, key: str, *, https_only: bool) -> tuple[str, ...]:
+def _prefixes(t: Table, key: str, *, https_only: bool) -> tuple[str, ...]:
     """URL prefixes that end their authority: ``https://dp.example.my/`` and not
     ``https://dp.example.my``, which ``https://dp.example.my.evil.test`` starts with."""
     prefixes = tuple(t.str_list(key, []))
@@ -436,7 +170,7 @@ def _prefixes(t: _Table, key: str, *, https_only: bool) -> tuple[str, ...]:
     return prefixes
 
 
-def _read_issuer(name: str, t: _Table) -> IssuerSettings:
+def _read_issuer(name: str, t: Table) -> IssuerSettings:
     uri = t.text("jwks_uri", "")
     parts = urlsplit(uri)
     if parts.scheme == "https" and parts.hostname:
@@ -485,7 +219,7 @@ def _read_issuer(name: str, t: _Table) -> IssuerSettings:
     return settings
 
 
-def _read_webhook(t: _Table) -> WebhookSettings:
+def _read_webhook(t: Table) -> WebhookSettings:
     url = t.text("url", "")
     parts = urlsplit(url)
     if not (parts.hostname and (parts.scheme == "https" or
@@ -503,7 +237,7 @@ def _read_webhook(t: _Table) -> WebhookSettings:
     return settings
 
 
-def _read_smtp(t: _Table, base: Path) -> SmtpSettings:
+def _read_smtp(t: Table, base: Path) -> SmtpSettings:
     settings = SmtpSettings(
         host=t.text("host", ""),
         port=t.integer("port", 587),
@@ -511,7 +245,7 @@ def _read_smtp(t: _Table, base: Path) -> SmtpSettings:
         to=tuple(t.str_list("to", [])),
         starttls=t.flag("starttls", True),
         username=t.text("username", ""),
-        password_file=_path(base, f) if (f := t.text("password_file", "")) else None,
+        password_file=t.optional_path("password_file", base),
         timeout=float(t.integer("timeout", 10)),
     )
     t.done()
@@ -520,6 +254,25 @@ def _read_smtp(t: _Table, base: Path) -> SmtpSettings:
     if not 0 < settings.port <= 65535:
         raise ConfigError(f"{t.name('port')}: {settings.port} is not a port")
     return settings
+
+
+def _read_backend(b: Table, base: Path, data_dir: Path) -> tuple[BackendSettings, Capabilities]:
+    """``[backend]``: the kind, then its own table, read by its plugin.
+
+    A table for another kind is read (and so checked) by that kind's plugin
+    too, then dropped: a typo there is refused even while it is not in use.
+    Only kinds whose table is present are imported, so a local deployment
+    never loads hvac or python-pkcs11.
+    """
+    kind = b.text("kind", "local")
+    if kind not in backends.KINDS:
+        raise ConfigError(f"[backend] kind: {kind!r} is not {one_of(backends.KINDS)}")
+    options = backends.plugin(kind).read_settings(b.table(kind), base, data_dir)
+    for other in backends.KINDS:
+        if other != kind and other in b.data:
+            backends.plugin(other).read_settings(b.table(other), base, data_dir)
+    b.done()
+    return BackendSettings(kind=kind, options=options), backends.plugin(kind).capabilities
 
 
 def load(path: Path | str | None = None) -> Settings:
@@ -538,7 +291,7 @@ def load(path: Path | str | None = None) -> Settings:
 
 def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     base = path.parent
-    root = _Table(raw, "")
+    root = Table(raw, "")
     k = root.table("keyd")
     try:
         mode = Mode(k.text("mode", "sandbox"))
@@ -550,7 +303,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     except ValueError:
         raise ConfigError(f"[keyd] kid: {k.data.get('kid')!r} is not "
                           f"{one_of([s.value for s in KidScheme])}") from None
-    data_dir = _path(base, k.text("data_dir", "var"))
+    data_dir = resolve_path(base, k.text("data_dir", "var"))
     keyd = KeydSettings(
         mode=mode,
         data_dir=data_dir,
@@ -583,7 +336,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     api_socket = a.text("socket", "var/keyd.sock")
     api = ApiSettings(
         listen=_listen(api_listen, a.name("listen"), loopback_only=True) if api_listen else None,
-        socket=_path(base, api_socket) if api_socket else None,
+        socket=resolve_path(base, api_socket) if api_socket else None,
         max_body=a.integer("max_body", 256 * 1024),
         rate_limit=float(a.integer("rate_limit", 1000)),
         rate_burst=a.integer("rate_burst", 2000),
@@ -600,59 +353,19 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     store = StoreSettings(url=s.text("url", f"sqlite:///{data_dir / 'keyd.db'}"))
     s.done()
 
-    b = root.table("backend")
-    kind = b.text("kind", "local")
-    if kind not in ("local", "vault", "pkcs11"):
-        raise ConfigError(f"[backend] kind: {kind!r} is not local, vault or pkcs11")
-    bl = b.table("local")
-    local = LocalBackendSettings(
-        master_key_file=_path(data_dir, bl.text("master_key_file", "master.key"))
-    )
-    bl.done()
-    bv = b.table("vault")
-    vault = VaultBackendSettings(
-        addr=bv.text("addr", "") or os.environ.get("VAULT_ADDR", "http://127.0.0.1:8200"),
-        mount=bv.text("mount", "transit"),
-        key_prefix=bv.text("key_prefix", "keyd-"),
-        namespace=bv.text("namespace", ""),
-        auth=bv.text("auth", "token"),
-        token_file=_path(base, f) if (f := bv.text("token_file", "")) else None,
-        role_id=bv.text("role_id", ""),
-        secret_id_file=_path(base, f) if (f := bv.text("secret_id_file", "")) else None,
-        timeout=float(bv.integer("timeout", 2)),
-        approle_mount=bv.text("approle_mount", "approle"),
-    )
-    bv.done()
-    if vault.auth not in ("token", "approle"):
-        raise ConfigError(f"[backend.vault] auth: {vault.auth!r} is not token or approle")
-    bp = b.table("pkcs11")
-    pkcs11 = Pkcs11BackendSettings(
-        module=Path(bp.text("module", "/usr/lib/softhsm/libsofthsm2.so")),
-        token_label=bp.text("token_label", "keyd"),
-        token_serial=bp.text("token_serial", ""),
-        pin_file=_path(base, f) if (f := bp.text("pin_file", "")) else None,
-        oaep_sha256=bp.text("oaep_sha256", "auto"),
-        sessions=bp.integer("sessions", 4),
-    )
-    bp.done()
-    if pkcs11.oaep_sha256 not in ("auto", "token", "raw"):
-        raise ConfigError(
-            f"[backend.pkcs11] oaep_sha256: {pkcs11.oaep_sha256!r} is not auto, token or raw"
-        )
-    b.done()
-    backend = BackendSettings(kind=kind, local=local, vault=vault, pkcs11=pkcs11)
+    backend, capabilities = _read_backend(root.table("backend"), base, data_dir)
     if workers is None:
-        # "auto": one worker per core, except on an HSM.  There the token is
-        # the bottleneck (bench/sign_pkcs11.py: one process already matches a
-        # direct PKCS#11 loop), and several processes opening one SoftHSM2
-        # token directory is untested; an explicit `workers` still applies.
-        workers = 1 if kind == "pkcs11" else max(1, len(os.sched_getaffinity(0)))
+        # "auto": one worker per core, except where the backend wants one
+        # process (an HSM: the token is the bottleneck, bench/sign_pkcs11.py,
+        # and several processes opening one SoftHSM2 token directory is
+        # untested); an explicit `workers` still applies.
+        workers = 1 if capabilities.one_process else max(1, len(os.sched_getaffinity(0)))
         api = replace(api, workers=workers)
 
     lt = root.table("lifecycle")
     lifecycle = {
         purpose: _read_lifecycle(
-            lt.table(purpose.value), purpose, mode, keyd.throwaway, backend.kind
+            lt.table(purpose.value), purpose, mode, keyd.throwaway, capabilities
         )
         for purpose in Purpose
     }
@@ -676,8 +389,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     dp = root.table("deploy")
     dt = dp.table("transport")
     deploy = TransportDeploySettings(
-        cert_path=_path(base, f) if (f := dt.text("cert_path", "")) else None,
-        key_path=_path(base, f) if (f := dt.text("key_path", "")) else None,
+        cert_path=dt.optional_path("cert_path", base),
+        key_path=dt.optional_path("key_path", base),
         reload_command=tuple(dt.str_list("reload_command", [])),
     )
     dt.done()
