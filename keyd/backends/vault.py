@@ -90,15 +90,7 @@ class VaultBackend:
     def __init__(
         self, settings: VaultBackendSettings, *, approle_mount: str = _APPROLE_MOUNT
     ) -> None:
-        if not _SAFE_MOUNT.match(settings.mount):
-            raise ConfigError(f"[backend.vault] mount: {settings.mount!r} is not a mount path")
-        if settings.key_prefix and not _SAFE_NAME.match(settings.key_prefix + "x"):
-            raise ConfigError(
-                f"[backend.vault] key_prefix: {settings.key_prefix!r} may hold only "
-                "letters, digits, '_', '-' and '.'"
-            )
-        if settings.auth == "approle" and not settings.role_id:
-            raise ConfigError("[backend.vault] role_id is required when auth = \"approle\"")
+        check_settings(settings)
         self._settings = settings
         self._addr = settings.addr.rstrip("/")
         self._approle_mount = approle_mount
@@ -517,9 +509,25 @@ def read_settings(t: Table, base: Path, data_dir: Path) -> VaultBackendSettings:
         approle_mount=t.text("approle_mount", _APPROLE_MOUNT),
     )
     t.done()
-    if settings.auth not in ("token", "approle"):
-        raise ConfigError(f"{t.name('auth')}: {settings.auth!r} is not token or approle")
+    check_settings(settings)
     return settings
+
+
+def check_settings(settings: VaultBackendSettings) -> None:
+    """Refuse what cannot work, at config load and again when a backend is built
+    from settings made elsewhere: a mount or prefix that is not a transit name
+    would be spliced into request paths."""
+    if settings.auth not in ("token", "approle"):
+        raise ConfigError(f"[backend.vault] auth: {settings.auth!r} is not token or approle")
+    if not _SAFE_MOUNT.match(settings.mount):
+        raise ConfigError(f"[backend.vault] mount: {settings.mount!r} is not a mount path")
+    if settings.key_prefix and not _SAFE_NAME.match(settings.key_prefix + "x"):
+        raise ConfigError(
+            f"[backend.vault] key_prefix: {settings.key_prefix!r} may hold only "
+            "letters, digits, '_', '-' and '.'"
+        )
+    if settings.auth == "approle" and not settings.role_id:
+        raise ConfigError("[backend.vault] role_id is required when auth = \"approle\"")
 
 
 def identity(settings: Settings) -> str:

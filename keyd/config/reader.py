@@ -128,7 +128,8 @@ def _read_lifecycle(
     )
     t.done()
     if settings.max_published < 2:
-        raise ConfigError(f"{t.name('max_published')} must be at least 2 (old and new key)")
+        raise ConfigError(f"{t.name('max_published')} must be at least 2 (old and new key), "
+                          f"not {settings.max_published}")
     if settings.exportable and purpose is not Purpose.TRANSPORT:
         raise ConfigError(f"{t.name('exportable')}: only the transport key may be exportable")
     if settings.exportable and not backend.exports_private_keys:
@@ -142,11 +143,13 @@ def _read_lifecycle(
             "12 months; set [keyd] throwaway = true only for a disposable test store"
         )
     if settings.rotate_after <= timedelta(0):
-        raise ConfigError(f"{t.name('rotate_after')} must be longer than 0s")
+        raise ConfigError(f"{t.name('rotate_after')} must be longer than 0s, "
+                          f"not {settings.rotate_after}")
     if settings.rotate_after + settings.prepublish > settings.validity:
         raise ConfigError(
-            f"[{t.where}]: rotate_after + prepublish exceeds validity: a key would "
-            "sign past its certificate's expiry"
+            f"[{t.where}]: rotate_after + prepublish ({settings.rotate_after.days}d + "
+            f"{settings.prepublish.days}d) exceeds validity ({settings.validity.days}d): "
+            "a key would sign past its certificate's expiry"
         )
     return settings
 
@@ -215,7 +218,8 @@ def _read_issuer(name: str, t: Table) -> IssuerSettings:
     if settings.leeway > timedelta(minutes=5):
         raise ConfigError(f"{t.name('leeway')} must be at most 5m, not {settings.leeway}")
     if not 0 < settings.fetch_timeout <= 5:
-        raise ConfigError(f"{t.name('fetch_timeout')} must be between 1 and 5 seconds")
+        raise ConfigError(f"{t.name('fetch_timeout')} must be between 1 and 5 seconds, "
+                          f"not {settings.fetch_timeout:g}")
     return settings
 
 
@@ -233,7 +237,8 @@ def _read_webhook(t: Table) -> WebhookSettings:
     )
     t.done()
     if not 0 < settings.timeout <= 60 or not 0 <= settings.retries <= 10:
-        raise ConfigError(f"[{t.where}]: timeout must be 1-60 s and retries 0-10")
+        raise ConfigError(f"[{t.where}]: timeout must be 1-60 s and retries 0-10, not "
+                          f"{settings.timeout:g} s and {settings.retries}")
     return settings
 
 
@@ -405,11 +410,12 @@ def from_dict(raw: dict[str, Any], path: Path) -> Settings:
     )
     sc.done()
     if scheduler.interval < timedelta(seconds=1):
-        raise ConfigError(f"{sc.name('interval')} must be at least 1s")
+        raise ConfigError(f"{sc.name('interval')} must be at least 1s, not {scheduler.interval}")
     if scheduler.lease < timedelta(seconds=1):
-        raise ConfigError(f"{sc.name('lease')} must be at least 1s")
+        raise ConfigError(f"{sc.name('lease')} must be at least 1s, not {scheduler.lease}")
     if scheduler.renew_interval < timedelta(seconds=1):
-        raise ConfigError(f"{sc.name('renew_interval')} must be at least 1s")
+        raise ConfigError(f"{sc.name('renew_interval')} must be at least 1s, "
+                          f"not {scheduler.renew_interval}")
 
     it = root.table("issuers")
     issuers = {name: _read_issuer(name, it.table(name)) for name in list(it.data)}

@@ -125,8 +125,7 @@ class Pkcs11Backend:
     """Keys on a PKCS#11 token; opens its sessions, logs in and probes at construction."""
 
     def __init__(self, cfg: Pkcs11BackendSettings) -> None:
-        if cfg.sessions < 1:
-            raise ConfigError(f"[backend.pkcs11] sessions: {cfg.sessions} must be at least 1")
+        check_settings(cfg)
         # In the order an operator fixes things: the library, the token, the PIN.
         lib = load_module(cfg.module)
         self._token = find_token(lib, cfg.module, cfg.token_label, cfg.token_serial)
@@ -456,11 +455,18 @@ def read_settings(t: Table, base: Path, data_dir: Path) -> Pkcs11BackendSettings
         sessions=t.integer("sessions", 4),
     )
     t.done()
-    if settings.oaep_sha256 not in ("auto", "token", "raw"):
-        raise ConfigError(
-            f"{t.name('oaep_sha256')}: {settings.oaep_sha256!r} is not auto, token or raw"
-        )
+    check_settings(settings)
     return settings
+
+
+def check_settings(cfg: Pkcs11BackendSettings) -> None:
+    """Refuse what cannot work, at config load and again at construction."""
+    if cfg.oaep_sha256 not in ("auto", "token", "raw"):
+        raise ConfigError(
+            f"[backend.pkcs11] oaep_sha256: {cfg.oaep_sha256!r} is not auto, token or raw"
+        )
+    if cfg.sessions < 1:
+        raise ConfigError(f"[backend.pkcs11] sessions: {cfg.sessions} must be at least 1")
 
 
 def identity(settings: Settings) -> str:
