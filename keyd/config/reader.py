@@ -16,11 +16,10 @@ import tomllib
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from keyd import backends
-from keyd.backends.base import Capabilities
 from keyd.config.settings import (
     AlertSettings,
     ApiSettings,
@@ -41,6 +40,10 @@ from keyd.config.table import Table, one_of, parse_duration, resolve_path
 from keyd.errors import ConfigError
 from keyd.model import ALLOWED_KEY_SIZES, KidScheme, Mode, Purpose
 from keyd.resources import default_policies_dir
+
+if TYPE_CHECKING:
+    # Only a type here: `keyd --help` reads no config and must not load cryptography.
+    from keyd.backends.base import Capabilities
 
 MIN_PRODUCTION_VALIDITY = timedelta(days=365)
 _ISSUER_ALGS = {"PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
