@@ -137,13 +137,10 @@ def _print_keys(keys: list[KeyInfo], as_json: bool) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    settings = config.load(args.config)
-    if settings.backend.kind == "local":
-        from keyd.backends import local
+    from keyd import backends
 
-        if local.resolve_master_key(settings) is None:
-            path = local.create_master_key_file(settings)
-            print(f"created master key {path} (0600); back it up off this host", file=sys.stderr)
+    for line in backends.prepare(config.load(args.config)):
+        print(line, file=sys.stderr)
     with _service(args) as service:
         keys = service.init()
     _print_keys(keys, as_json=False)

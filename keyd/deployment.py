@@ -11,10 +11,10 @@ store pointed at the same mount and ``key_prefix`` refuses to start too.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from datetime import timedelta
 
+from keyd import backends
 from keyd.backends.base import Backend, ClaimsStore
 from keyd.clock import Clock
 from keyd.config import Settings
@@ -26,21 +26,7 @@ from keyd.store.db import Store
 def backend_identity(settings: Settings) -> str | None:
     """What names this deployment's keys; None when it cannot be known yet
     (a local backend whose master key does not exist before `keyd init`)."""
-    backend = settings.backend
-    if backend.kind == "vault":
-        v = backend.vault
-        namespace = f" namespace {v.namespace!r}" if v.namespace else ""
-        return f"vault mount {v.mount!r} key_prefix {v.key_prefix!r}{namespace}"
-    if backend.kind == "pkcs11":
-        return f"pkcs11 token {backend.pkcs11.token_label!r}"
-    from keyd.backends.local import resolve_master_key
-
-    key = resolve_master_key(settings)
-    if key is None:
-        return None
-    # A fingerprint, never the key: a domain-separated hash, cut short.
-    fingerprint = hashlib.sha256(b"keyd master key fingerprint\0" + key).hexdigest()[:16]
-    return f"local master key {fingerprint}"
+    return backends.identity(settings)
 
 
 def check(store: Store, settings: Settings) -> str:

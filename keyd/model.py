@@ -91,6 +91,11 @@ class KidScheme(StrEnum):
 
 # JWK members that hold private or secret key material (RFC 7518 6.3.2, 6.4):
 # never published, never logged, and a counterparty's JWK carrying one is dropped.
+# The JWS algorithms an issuer's allow-list ([issuers.<name>] algorithms) may
+# name; keyd.jose.verify holds how each is checked.  RS256 (PKCS#1 v1.5), HS*
+# and "none" are absent on purpose.
+ISSUER_ALGORITHMS = frozenset({"PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
+
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 # The smallest RSA modulus keyd makes, publishes, imports a certificate for or

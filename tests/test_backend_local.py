@@ -18,7 +18,7 @@ from keyd.backends.local import (
     from_settings,
     resolve_master_key,
 )
-from keyd.config import Settings, from_dict
+from keyd.config import LocalBackendSettings, Settings, from_dict
 from keyd.errors import BackendError, ConfigError, KeyNotFound
 from keyd.model import OaepHash, Purpose, SignScheme
 from tests.backend_contract import BackendContract, oaep_encrypt, strict_pss_verify
@@ -268,7 +268,7 @@ class TestMasterKey:
     def test_created_file_is_0600_in_a_0700_data_dir_and_is_used(self, tmp_path: Path) -> None:
         settings = settings_for(tmp_path)
         path = create_master_key_file(settings)
-        assert path == settings.backend.local.master_key_file
+        assert path == settings.backend.options_as(LocalBackendSettings).master_key_file
         assert mode(path) == 0o600
         assert mode(settings.keyd.data_dir) == 0o700
         key = resolve_master_key(settings)

@@ -1,8 +1,9 @@
 """docs/config.md lists every key keyd reads, and config errors help the reader.
 
-The keys read are collected from a real load of a config that turns on every
-optional table (webhook, SMTP, an issuer, transport deployment), by recording
-each key the settings reader asks for.
+The keys read are collected from real loads of a config that turns on every
+optional table (webhook, SMTP, an issuer, transport deployment), once per
+backend kind (each backend's plugin reads its own table), by recording each
+key the settings reader asks for.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from keyd import config
+from keyd import backends, config
 from keyd.errors import ConfigError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -31,15 +32,17 @@ GENERIC = [(re.compile(r"^lifecycle\.\w+$"), "lifecycle.<purpose>"),
 
 def keys_read(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str]]:
     read: set[tuple[str, str]] = set()
-    original = config._Table._get
+    original = config.Table.get
 
-    def recording(table: config._Table, key: str, default: object) -> object:
+    def recording(table: config.Table, key: str, default: object) -> object:
         if not isinstance(default, dict):  # a sub-table is a heading, not a key
             read.add((table.where, key))
         return original(table, key, default)
 
-    monkeypatch.setattr(config._Table, "_get", recording)
-    config.from_dict(EVERY_TABLE, Path("/etc/keyd/config.toml"))
+    monkeypatch.setattr(config.Table, "get", recording)
+    for kind in backends.KINDS:
+        config.from_dict({**EVERY_TABLE, "backend": {"kind": kind}},
+                         Path("/etc/keyd/config.toml"))
     return read
 
 
@@ -64,6 +67,7 @@ def generic(table: str) -> str:
 def test_every_key_keyd_reads_is_in_docs_config_md(monkeypatch: pytest.MonkeyPatch) -> None:
     read = {(generic(table), key) for table, key in keys_read(monkeypatch)}
     assert len(read) > 60  # the recorder saw the whole reader
+    assert {table for table, _ in read} >= {f"backend.{kind}" for kind in backends.KINDS}
     missing = sorted(f"[{t}] {k}" for t, k in read - documented())
     assert missing == [], f"document these in docs/config.md: {missing}"
 

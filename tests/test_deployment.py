@@ -37,8 +37,8 @@ def test_the_store_keeps_the_first_backend_and_refuses_another_naming_both(
     message = caught.value.detail
     assert store_id in message and "key_prefix 'keyd-'" in message
     assert "this replica's backend is vault mount 'transit' key_prefix 'other-'" in message
-    moved = replace(first, backend=replace(first.backend, vault=replace(
-        first.backend.vault, mount="transit-2")))
+    moved = replace(first, backend=replace(first.backend, options=replace(
+        first.backend.options_as(config.VaultBackendSettings), mount="transit-2")))
     with pytest.raises(ConfigError, match="mount 'transit-2'"):
         deployment.check(store, moved)
 

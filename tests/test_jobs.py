@@ -40,7 +40,7 @@ def open_service(folder: Path, clock: SettableClock,
     if not path.exists():
         write_config(folder, merged)
     settings = config.load(path)
-    if not settings.backend.local.master_key_file.exists():
+    if not settings.backend.options_as(config.LocalBackendSettings).master_key_file.exists():
         create_master_key_file(settings)
     return KeyService.open(settings, clock)
 

@@ -350,3 +350,11 @@ def test_b64u_round_trips_every_length() -> None:
 def test_b64u_decode_is_strict(text: str) -> None:
     with pytest.raises(BadRequest):
         b64u_decode(text)
+
+
+def test_the_verifier_checks_exactly_the_algorithms_an_issuer_may_be_allowed() -> None:
+    """config reads the allow-list from keyd.model; the verifier must know how to check each."""
+    from keyd.jose import verify
+    from keyd.model import ISSUER_ALGORITHMS
+
+    assert set(verify._ALGS) == ISSUER_ALGORITHMS

@@ -20,21 +20,33 @@ Contract (tests/backend_contract.py checks every implementation against it):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyd.model import OaepHash, Purpose, SignScheme
 
+if TYPE_CHECKING:
+    from keyd.config.settings import Settings
+    from keyd.config.table import Table
+
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do, decided once at start-up (after probing)."""
+    """What a backend can do.
+
+    Each plugin declares them statically (config asks before any backend is
+    built); a built backend may narrow ``oaep_hashes`` after probing its token.
+    """
 
     oaep_hashes: frozenset[OaepHash]  # OAEP digests decrypt() accepts
     exports_private_keys: bool  # can hand a transport key to a TLS terminator
     name: str = ""  # e.g. "local", "vault", "pkcs11" (for logs and /readyz)
+    # One process per token: `[api] workers = "auto"` runs a single worker.
+    one_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,3 +109,31 @@ class ClaimsStore(Protocol):
         """Mark the keys as ``store_id``'s (first use) or raise ConfigError naming
         both stores when another store owns them."""
         ...
+
+
+def nothing_to_prepare(settings: Settings) -> list[str]:
+    """A backend that needs nothing on disk before `keyd init` (Vault, an HSM)."""
+    return []
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """Everything keyd knows about one backend kind, without building a backend.
+
+    Each ``keyd/backends/<kind>`` exports one as ``PLUGIN``; the registry in
+    :mod:`keyd.backends` finds it by kind, so nothing outside a backend compares
+    kind names.
+    """
+
+    kind: str  # the `[backend] kind` value, and the `[backend.<kind>]` table
+    capabilities: Capabilities  # declared statically; see Capabilities
+    # Its `[backend.<kind>]` table -> its settings; relative paths against the
+    # config folder (first Path) or the data directory (second).
+    read_settings: Callable[[Table, Path, Path], object]
+    build: Callable[[Settings], Backend]  # may raise ConfigError naming the fix
+    # What names this deployment's keys (stored once per store, compared by
+    # every replica); None while it cannot be known yet.
+    identity: Callable[[Settings], str | None]
+    # Make what `keyd init` needs before the first key (the local master key);
+    # returns lines to tell the operator.  Idempotent.
+    prepare: Callable[[Settings], list[str]] = nothing_to_prepare

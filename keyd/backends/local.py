@@ -23,6 +23,7 @@ re-decrypt a file per call); ``destroy`` drops them from the cache.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import json
 import os
 import re
@@ -37,8 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyd.backends.base import Capabilities, GeneratedKey
-from keyd.config import Settings, read_secret
+from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
+from keyd.config import LocalBackendSettings, Settings, Table, read_secret, resolve_path
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
@@ -90,12 +91,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+CAPABILITIES = Capabilities(
+    oaep_hashes=frozenset({OaepHash.SHA256, OaepHash.SHA1}),
+    exports_private_keys=True,
+    name="local",
+)
+
+
 class LocalBackend:
-    capabilities = Capabilities(
-        oaep_hashes=frozenset({OaepHash.SHA256, OaepHash.SHA1}),
-        exports_private_keys=True,
-        name="local",
-    )
+    capabilities = CAPABILITIES
 
     def __init__(self, keys_dir: Path, master_key: bytes, master_source: str = "") -> None:
         if len(master_key) != 32:
@@ -375,7 +379,7 @@ def resolve_master_key(settings: Settings) -> bytes | None:
 
 
 def _master_key_and_source(settings: Settings) -> tuple[bytes, str] | None:
-    path = settings.backend.local.master_key_file
+    path = _master_key_file(settings)
     content = _read_master_key_file(path)
     if content is not None:
         return _decode_master_key(content, f"file {path}"), f"file {path}"
@@ -388,7 +392,7 @@ def _master_key_and_source(settings: Settings) -> tuple[bytes, str] | None:
 
 def create_master_key_file(settings: Settings) -> Path:
     """Write a fresh random master key (for ``keyd init``); never overwrites one."""
-    path = settings.backend.local.master_key_file
+    path = _master_key_file(settings)
     try:
         for folder in {settings.keyd.data_dir, path.parent}:
             if not folder.exists():
@@ -416,8 +420,52 @@ def from_settings(settings: Settings) -> LocalBackend:
     if found is None:
         raise ConfigError(
             "local backend: no master key: run `keyd init`, or set one of: the file "
-            f"{settings.backend.local.master_key_file} (mode 0600), ${MASTER_KEY_ENV} "
+            f"{_master_key_file(settings)} (mode 0600), ${MASTER_KEY_ENV} "
             f"(base64url of 32 bytes), the systemd credential {MASTER_KEY_CREDENTIAL!r}"
         )
     key, source = found
     return LocalBackend(settings.keyd.data_dir / "keys", key, source)
+
+
+# --------------------------------------------------------------------------- plugin
+
+
+def read_settings(t: Table, base: Path, data_dir: Path) -> LocalBackendSettings:
+    """``[backend.local]``: the master key file, relative to the data directory."""
+    settings = LocalBackendSettings(
+        master_key_file=resolve_path(data_dir, t.text("master_key_file", "master.key"))
+    )
+    t.done()
+    return settings
+
+
+def _master_key_file(settings: Settings) -> Path:
+    return settings.backend.options_as(LocalBackendSettings).master_key_file
+
+
+def identity(settings: Settings) -> str | None:
+    """The master key's fingerprint; None before `keyd init` creates it."""
+    key = resolve_master_key(settings)
+    if key is None:
+        return None
+    # A fingerprint, never the key: a domain-separated hash, cut short.
+    fingerprint = hashlib.sha256(b"keyd master key fingerprint\0" + key).hexdigest()[:16]
+    return f"local master key {fingerprint}"
+
+
+def prepare(settings: Settings) -> list[str]:
+    """`keyd init`: create the master key file unless a master key is already set."""
+    if resolve_master_key(settings) is not None:
+        return []
+    path = create_master_key_file(settings)
+    return [f"created master key {path} (0600); back it up off this host"]
+
+
+PLUGIN = BackendPlugin(
+    kind="local",
+    capabilities=CAPABILITIES,
+    read_settings=read_settings,
+    build=from_settings,
+    identity=identity,
+    prepare=prepare,
+)

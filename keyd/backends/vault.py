@@ -21,10 +21,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import re
 import secrets
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hvac  # type: ignore[import-untyped]
@@ -33,8 +35,8 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyd.backends.base import Capabilities, GeneratedKey
-from keyd.config import Secret, Settings, VaultBackendSettings, read_secret
+from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
+from keyd.config import Secret, Settings, Table, VaultBackendSettings, read_secret
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
@@ -68,6 +70,10 @@ _SAFE_NAME = re.compile(r"^\w([\w.-]*\w)?$", re.ASCII)
 _SAFE_MOUNT = re.compile(r"^\w[\w-]*(/\w[\w-]*)*$", re.ASCII)
 _SCHEMES = {SignScheme.PSS_SHA256: "pss", SignScheme.PKCS1V15_SHA256: "pkcs1v15"}
 _APPROLE_MOUNT = "approle"
+# Transit decrypts RSA-OAEP with SHA-256 only; an exportable transit key can be read back.
+CAPABILITIES = Capabilities(
+    oaep_hashes=frozenset({OaepHash.SHA256}), exports_private_keys=True, name="vault"
+)
 # An AppRole token closer than this to its end is replaced by a fresh login.
 _MIN_TTL_AFTER_RENEW = 120
 
@@ -84,21 +90,11 @@ class VaultBackend:
     def __init__(
         self, settings: VaultBackendSettings, *, approle_mount: str = _APPROLE_MOUNT
     ) -> None:
-        if not _SAFE_MOUNT.match(settings.mount):
-            raise ConfigError(f"[backend.vault] mount: {settings.mount!r} is not a mount path")
-        if settings.key_prefix and not _SAFE_NAME.match(settings.key_prefix + "x"):
-            raise ConfigError(
-                f"[backend.vault] key_prefix: {settings.key_prefix!r} may hold only "
-                "letters, digits, '_', '-' and '.'"
-            )
-        if settings.auth == "approle" and not settings.role_id:
-            raise ConfigError("[backend.vault] role_id is required when auth = \"approle\"")
+        check_settings(settings)
         self._settings = settings
         self._addr = settings.addr.rstrip("/")
         self._approle_mount = approle_mount
-        self.capabilities = Capabilities(
-            oaep_hashes=frozenset({OaepHash.SHA256}), exports_private_keys=True, name="vault"
-        )
+        self.capabilities = CAPABILITIES
         session = requests.Session()
         # No retries inside requests: an outage must surface within `timeout`,
         # and the API's Retry-After tells callers when to come back.
@@ -490,6 +486,61 @@ class VaultBackend:
         self._session.close()
 
 
+# --------------------------------------------------------------------------- plugin
+
+
 def from_settings(settings: Settings) -> VaultBackend:
-    vault = settings.backend.vault
+    vault = settings.backend.options_as(VaultBackendSettings)
     return VaultBackend(vault, approle_mount=vault.approle_mount)
+
+
+def read_settings(t: Table, base: Path, data_dir: Path) -> VaultBackendSettings:
+    """``[backend.vault]``; the address falls back to $VAULT_ADDR, then the local dev server."""
+    settings = VaultBackendSettings(
+        addr=t.text("addr", "") or os.environ.get("VAULT_ADDR", "http://127.0.0.1:8200"),
+        mount=t.text("mount", "transit"),
+        key_prefix=t.text("key_prefix", "keyd-"),
+        namespace=t.text("namespace", ""),
+        auth=t.text("auth", "token"),
+        token_file=t.optional_path("token_file", base),
+        role_id=t.text("role_id", ""),
+        secret_id_file=t.optional_path("secret_id_file", base),
+        timeout=float(t.integer("timeout", 2)),
+        approle_mount=t.text("approle_mount", _APPROLE_MOUNT),
+    )
+    t.done()
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: VaultBackendSettings) -> None:
+    """Refuse what cannot work, at config load and again when a backend is built
+    from settings made elsewhere: a mount or prefix that is not a transit name
+    would be spliced into request paths."""
+    if settings.auth not in ("token", "approle"):
+        raise ConfigError(f"[backend.vault] auth: {settings.auth!r} is not token or approle")
+    if not _SAFE_MOUNT.match(settings.mount):
+        raise ConfigError(f"[backend.vault] mount: {settings.mount!r} is not a mount path")
+    if settings.key_prefix and not _SAFE_NAME.match(settings.key_prefix + "x"):
+        raise ConfigError(
+            f"[backend.vault] key_prefix: {settings.key_prefix!r} may hold only "
+            "letters, digits, '_', '-' and '.'"
+        )
+    if settings.auth == "approle" and not settings.role_id:
+        raise ConfigError("[backend.vault] role_id is required when auth = \"approle\"")
+
+
+def identity(settings: Settings) -> str:
+    """The mount and key prefix (and namespace) that hold this deployment's keys."""
+    v = settings.backend.options_as(VaultBackendSettings)
+    namespace = f" namespace {v.namespace!r}" if v.namespace else ""
+    return f"vault mount {v.mount!r} key_prefix {v.key_prefix!r}{namespace}"
+
+
+PLUGIN = BackendPlugin(
+    kind="vault",
+    capabilities=CAPABILITIES,
+    read_settings=read_settings,
+    build=from_settings,
+    identity=identity,
+)

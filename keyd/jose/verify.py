@@ -46,8 +46,8 @@ class _Alg:
     curve: Curve | None = None  # for EC: the one curve this alg signs on
 
 
-# Everything keyd could ever accept; the per-issuer allow-list narrows it.
-# RS256 (PKCS#1 v1.5), HS* and "none" are absent on purpose.
+# How each of ISSUER_ALGORITHMS (keyd.model) is checked; the per-issuer
+# allow-list narrows them.
 _ALGS = {
     "PS256": _Alg(KeyFamily.RSA, hashes.SHA256),
     "PS384": _Alg(KeyFamily.RSA, hashes.SHA384),
@@ -56,8 +56,6 @@ _ALGS = {
     "ES384": _Alg(KeyFamily.EC, hashes.SHA384, Curve.P384),
     "ES512": _Alg(KeyFamily.EC, hashes.SHA512, Curve.P521),
 }
-# The JWS algorithms an issuer's allow-list ([issuers.<name>] algorithms) may name.
-ISSUER_ALGORITHMS = frozenset(_ALGS)
 # A token never names its own key: only the configured JWKS counts, and we make
 # no outbound request on a token's say-so (SSRF to 169.254.169.254 and friends).
 _KEY_FROM_TOKEN = ("jku", "x5u", "jwk", "x5c")

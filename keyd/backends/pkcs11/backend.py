@@ -29,6 +29,8 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 
-from keyd.backends.base import Capabilities, GeneratedKey
+from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
 from keyd.backends.pkcs11.oaep import oaep_decode
 from keyd.backends.pkcs11.token import (
     LOST_SESSION_ERRORS,
@@ -48,7 +50,7 @@ from keyd.backends.pkcs11.token import (
     logged_in,
     session_usable,
 )
-from keyd.config import Pkcs11BackendSettings, Settings, read_secret
+from keyd.config import Pkcs11BackendSettings, Settings, Table, read_secret
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
@@ -91,8 +93,19 @@ _CAPABILITIES = {
 _probes: dict[tuple[str, int], str | None] = {}
 
 
+# What config may count on before a token is opened: keys never leave it, and
+# one process drives it (the token is the bottleneck, bench/sign_pkcs11.py).
+# The OAEP digests are narrowed to what the token offers once it is probed.
+CAPABILITIES = Capabilities(
+    oaep_hashes=frozenset({OaepHash.SHA256, OaepHash.SHA1}),
+    exports_private_keys=False,
+    name="pkcs11",
+    one_process=True,
+)
+
+
 def from_settings(settings: Settings) -> Pkcs11Backend:
-    return Pkcs11Backend(settings.backend.pkcs11)
+    return Pkcs11Backend(settings.backend.options_as(Pkcs11BackendSettings))
 
 
 def _ref_id(ref: str) -> bytes:
@@ -112,8 +125,7 @@ class Pkcs11Backend:
     """Keys on a PKCS#11 token; opens its sessions, logs in and probes at construction."""
 
     def __init__(self, cfg: Pkcs11BackendSettings) -> None:
-        if cfg.sessions < 1:
-            raise ConfigError(f"[backend.pkcs11] sessions: {cfg.sessions} must be at least 1")
+        check_settings(cfg)
         # In the order an operator fixes things: the library, the token, the PIN.
         lib = load_module(cfg.module)
         self._token = find_token(lib, cfg.module, cfg.token_label, cfg.token_serial)
@@ -144,10 +156,9 @@ class Pkcs11Backend:
             raise
         self._pool.give_back(first)
         self._oaep_modes = {OaepHash.SHA256: self.oaep_sha256_mode, OaepHash.SHA1: sha1_mode}
-        self.capabilities = Capabilities(
+        self.capabilities = replace(
+            CAPABILITIES,
             oaep_hashes=frozenset(h for h, mode in self._oaep_modes.items() if mode),
-            exports_private_keys=False,
-            name="pkcs11",
         )
 
     # ------------------------------------------------------------------ start-up
@@ -428,3 +439,44 @@ class Pkcs11Backend:
     def close(self) -> None:
         self._pool.close()
 
+
+# --------------------------------------------------------------------------- plugin
+
+
+def read_settings(t: Table, base: Path, data_dir: Path) -> Pkcs11BackendSettings:
+    """``[backend.pkcs11]``; the module path is taken as written (a system library)."""
+    settings = Pkcs11BackendSettings(
+        module=Path(t.text("module", "/usr/lib/softhsm/libsofthsm2.so")),
+        token_label=t.text("token_label", "keyd"),
+        token_serial=t.text("token_serial", ""),
+        pin_file=t.optional_path("pin_file", base),
+        oaep_sha256=t.text("oaep_sha256", "auto"),
+        sessions=t.integer("sessions", 4),
+    )
+    t.done()
+    check_settings(settings)
+    return settings
+
+
+def check_settings(cfg: Pkcs11BackendSettings) -> None:
+    """Refuse what cannot work, at config load and again at construction."""
+    if cfg.oaep_sha256 not in ("auto", "token", "raw"):
+        raise ConfigError(
+            f"[backend.pkcs11] oaep_sha256: {cfg.oaep_sha256!r} is not auto, token or raw"
+        )
+    if cfg.sessions < 1:
+        raise ConfigError(f"[backend.pkcs11] sessions: {cfg.sessions} must be at least 1")
+
+
+def identity(settings: Settings) -> str:
+    """The token label that holds this deployment's keys."""
+    return f"pkcs11 token {settings.backend.options_as(Pkcs11BackendSettings).token_label!r}"
+
+
+PLUGIN = BackendPlugin(
+    kind="pkcs11",
+    capabilities=CAPABILITIES,
+    read_settings=read_settings,
+    build=from_settings,
+    identity=identity,
+)
