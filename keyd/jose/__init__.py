@@ -39,7 +39,6 @@ from keyd.jose.jws import (
 from keyd.jose.keys import IssuerKey, issuer_key
 from keyd.jose.links import UniversalLink, parse_universal_link, universal_link_consent
 from keyd.jose.verify import (
-    ISSUER_ALGORITHMS,
     VerifiedJws,
     check_time_claims,
     verify_jws,
@@ -47,7 +46,6 @@ from keyd.jose.verify import (
 )
 
 __all__ = [
-    "ISSUER_ALGORITHMS",
     "PROTECTED_HEADER_NAMES",
     "CekDecrypter",
     "IssuerKey",
