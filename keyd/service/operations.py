@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from keyd import deploy, jose
-from keyd.alerts import Alerter
 from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.errors import InvalidToken, KeydError
@@ -21,6 +21,9 @@ from keyd.store import queries
 
 from .publication import Publication
 from .values import CertificateExpiry, TransportKey, UsableKey
+
+if TYPE_CHECKING:
+    from keyd.alerts import Alerter
 
 
 class Operations(Publication):
@@ -65,6 +68,7 @@ class Operations(Publication):
 
     def alerter(self) -> Alerter:
         """An Alerter whose webhook bodies are signed by keyd's active signing key."""
+        from keyd.alerts import Alerter  # httpx: imported only where alerts are sent
 
         def sign(body: bytes) -> str | None:
             try:
