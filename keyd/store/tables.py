@@ -1,4 +1,4 @@
-"""The tables, as SQLModel classes.  Shapes only: the rules live in service.py.
+"""The tables, as SQLModel classes.  Shapes only: the rules live in keyd/service/
 
 `migrations/versions/` creates these tables by hand; tests/test_store.py
 checks that the two never drift apart.
