@@ -20,7 +20,13 @@ from keyd.backends.pkcs11 import NOT_EXPORTABLE, Pkcs11Backend, from_settings, l
 from keyd.backends.pkcs11.oaep import oaep_decode
 from keyd.backends.pkcs11.token import Pooled
 from keyd.config import Settings, from_dict
-from keyd.errors import BackendError, BackendUnavailable, ConfigError, DecryptionFailed
+from keyd.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DecryptionFailed,
+    Unsupported,
+)
 from keyd.model import OaepHash, Purpose, SignScheme
 from tests.backend_contract import BackendContract, oaep_encrypt, strict_pss_verify
 from tests.fixtures.softhsm import SoftHsm
@@ -161,7 +167,7 @@ def test_list_refs_holds_our_keys_of_every_purpose(backend: Pkcs11Backend) -> No
 
 def test_hsm_keys_are_never_exportable(backend: Pkcs11Backend) -> None:
     assert backend.capabilities.exports_private_keys is False
-    with pytest.raises(BackendError) as raised:
+    with pytest.raises(Unsupported) as raised:
         backend.generate(Purpose.TRANSPORT, 2048, exportable=True)
     assert raised.value.detail == NOT_EXPORTABLE
 

@@ -46,6 +46,7 @@ from keyd.errors import (
     ConfigError,
     DecryptionFailed,
     KeyNotFound,
+    Unsupported,
 )
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
@@ -179,11 +180,13 @@ class LocalBackend:
             return private.sign(data, pss, hashes.SHA256())
         if scheme is SignScheme.PKCS1V15_SHA256:
             return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        raise BackendError(f"local: signature scheme {scheme!r} is not supported")
+        raise Unsupported(f"local: signature scheme {scheme.value!r} is not supported")
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+        h = _OAEP_HASHES.get(oaep_hash)
+        if h is None or oaep_hash not in self.capabilities.oaep_hashes:
+            raise Unsupported(f"local: cannot decrypt {oaep_hash.jwe_alg}")
         private = self._load(ref).private
-        h = _OAEP_HASHES[oaep_hash]
         try:
             return private.decrypt(
                 ciphertext, padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None)

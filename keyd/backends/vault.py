@@ -42,23 +42,12 @@ from keyd.errors import (
     DecryptionFailed,
     KeydError,
     KeyNotFound,
+    Unsupported,
 )
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
 T = TypeVar("T")
 
-
-class UnsupportedOaepHash(BackendError):
-    """An RSA-OAEP (SHA-1) JWE sent to a vault deployment.
-
-    The sender chose a key-management algorithm transit cannot undo; keyd is
-    not failing, so this is a 4xx refusal of the token (like any other
-    off-profile JWE), not a 500.  It depends on the header alone, never on the
-    ciphertext, so it is no decryption oracle.
-    """
-
-    code = "invalid_token"
-    status = 422
 
 # Transit's own name rule (framework.GenericNameRegex).  Checking it here means
 # a hostile ref ("../../sys/seal") is never spliced into a request path.
@@ -70,6 +59,22 @@ _SCHEMES = {SignScheme.PSS_SHA256: "pss", SignScheme.PKCS1V15_SHA256: "pkcs1v15"
 _APPROLE_MOUNT = "approle"
 # An AppRole token closer than this to its end is replaced by a fresh login.
 _MIN_TTL_AFTER_RENEW = 120
+
+
+def _shape(value: Any) -> str:
+    """What Vault sent where keyd expected something else: an object's member
+    names, a scalar's value, only the type of a string or list (which may be a
+    token or a private key)."""
+    if isinstance(value, dict):
+        members = ", ".join(repr(str(k)[:40]) for k in list(value)[:8])
+        return f"an object with {members}" if members else "an empty object"
+    if isinstance(value, requests.Response):
+        kind = value.headers.get("Content-Type", "no Content-Type")
+        return f"a non-JSON body (HTTP {value.status_code}, {kind[:60]})"
+    if value is None or isinstance(value, bool | int | float):
+        return f"{type(value).__name__} {value!r:.40}"
+    return f"a {type(value).__name__} of length {len(value)}" if isinstance(
+        value, str | list) else type(value).__name__
 
 
 class VaultBackend:
@@ -155,14 +160,14 @@ class VaultBackend:
                 raise self._outage("AppRole login", e) from e
             except requests.RequestException as e:
                 raise self._unreachable(e) from e
-            self._client.token = answer["auth"]["client_token"]
+            self._client.token = self._field(answer, "AppRole login", "auth.client_token", str)
 
     def renew(self) -> None:
         """Renew our token (the scheduler calls this); AppRole logs in again on failure."""
         if self._settings.auth == "token":
             try:
                 info = self._call("token lookup", lambda c: c.auth.token.lookup_self())
-                if info["data"].get("renewable"):
+                if self._field(info, "token lookup", "data", dict).get("renewable"):
                     self._call("token renewal", lambda c: c.auth.token.renew_self())
             except hvac.exceptions.VaultError as e:
                 raise self._outage("token renewal", e) from e
@@ -172,7 +177,8 @@ class VaultBackend:
             answer = self._client.auth.token.renew_self()
             if int(answer["auth"]["lease_duration"]) >= _MIN_TTL_AFTER_RENEW:
                 return
-        except (hvac.exceptions.VaultError, requests.RequestException, KeyError, TypeError):
+        except (hvac.exceptions.VaultError, requests.RequestException, KeyError, TypeError,
+                ValueError):
             pass  # renewal failed or the token is near its max TTL: log in afresh
         self._login(stale=stale)
 
@@ -239,6 +245,21 @@ class VaultBackend:
             except requests.RequestException as e:
                 raise self._unreachable(e) from e
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _field(self, answer: Any, what: str, path: str, kind: type[T]) -> T:
+        """``answer[a][b]...`` for ``path`` "a.b", of type ``kind``; a BackendError
+        naming what Vault sent instead (a proxy's HTML page, a changed API)."""
+        value = answer
+        for depth, step in enumerate(path.split(".")):
+            if not isinstance(value, dict) or step not in value:
+                where = ".".join(path.split(".")[:depth]) or "the answer"
+                raise BackendError(f"vault: malformed {what} answer from {self._addr}: "
+                                   f"expected {path}, but {where} is {_shape(value)}")
+            value = value[step]
+        if not isinstance(value, kind):
+            raise BackendError(f"vault: malformed {what} answer from {self._addr}: "
+                               f"{path} is {_shape(value)}, not {kind.__name__}")
+        return value
 
     def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> KeydError:
         """A Vault refusal of an operation on one key, as a keyd error."""
@@ -326,6 +347,8 @@ class VaultBackend:
         return self._latest(ref)[1]
 
     def sign(self, ref: str, data: bytes, scheme: SignScheme) -> bytes:
+        if scheme not in _SCHEMES:
+            raise Unsupported(f"vault: transit has no signature scheme {scheme.value!r}")
         name = self._name(ref)
         # Send the SHA-256 digest (prehashed) so a large payload costs a small
         # request; transit signs the digest exactly as it would the message.
@@ -355,7 +378,7 @@ class VaultBackend:
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         if oaep_hash not in self.capabilities.oaep_hashes:
-            raise UnsupportedOaepHash(
+            raise Unsupported(
                 f"vault: transit decrypts RSA-OAEP with SHA-256 only; {oaep_hash.jwe_alg} "
                 "(OAEP with SHA-1) cannot be decrypted by a vault backend: "
                 "encrypt to this key with RSA-OAEP-256"
@@ -478,7 +501,9 @@ class VaultBackend:
             return []  # transit answers 404 for a mount without keys
         except hvac.exceptions.VaultError as e:
             raise self._outage("key listing", e) from e
-        names = answer["data"]["keys"] if isinstance(answer, dict) else []
+        if not isinstance(answer, dict):
+            return []  # no body (204): nothing listed
+        names = self._field(answer, "key listing", "data.keys", list)
         prefix = self._settings.key_prefix
         return sorted(n for n in names if isinstance(n, str) and n.startswith(prefix))
 
