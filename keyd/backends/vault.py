@@ -288,7 +288,8 @@ class VaultBackend:
         except hvac.exceptions.VaultError as e:
             raise self._outage("health check", e) from e
         if not isinstance(health, dict):
-            raise BackendUnavailable(f"vault: unexpected health answer from {self._addr}")
+            raise BackendUnavailable(
+                f"vault: unexpected health answer from {self._addr}: {_shape(health)}")
         if not health.get("initialized", False):
             raise BackendUnavailable(f"vault: not initialised at {self._addr}")
         if health.get("sealed", True):
@@ -332,11 +333,11 @@ class VaultBackend:
             )
         except hvac.exceptions.VaultError as e:
             raise self._refused("key read", ref, e) from e
+        version = self._field(answer, "key read", "data.latest_version", int)
+        pem = self._field(answer, "key read", f"data.keys.{version}.public_key", str)
         try:
-            version = int(answer["data"]["latest_version"])
-            pem = answer["data"]["keys"][str(version)]["public_key"].encode()
-            public = serialization.load_pem_public_key(pem)
-        except (KeyError, TypeError, ValueError) as e:
+            public = serialization.load_pem_public_key(pem.encode())
+        except ValueError as e:
             raise BackendError(f"vault: key {ref!r} has no RSA public key") from e
         if not isinstance(public, rsa.RSAPublicKey):
             raise BackendError(f"vault: key {ref!r} is not an RSA key")
@@ -371,10 +372,12 @@ class VaultBackend:
             )
         except hvac.exceptions.VaultError as e:
             raise self._refused("sign", ref, e) from e
+        signature = self._field(answer, "sign", "data.signature", str)
         try:
-            return base64.b64decode(answer["data"]["signature"].split(":", 2)[2], validate=True)
-        except (KeyError, TypeError, IndexError, binascii.Error) as e:
-            raise BackendError(f"vault: malformed signature for key {ref!r}") from e
+            return base64.b64decode(signature.split(":", 2)[2], validate=True)
+        except (IndexError, binascii.Error) as e:
+            raise BackendError(f"vault: malformed signature for key {ref!r}: "
+                               f"{signature[:24]!r}... is not vault:v<n>:<base64>") from e
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         if oaep_hash not in self.capabilities.oaep_hashes:
@@ -405,10 +408,12 @@ class VaultBackend:
             raise DecryptionFailed() from e
         except hvac.exceptions.VaultError as e:
             raise self._refused("decrypt", ref, e) from e
+        plaintext = self._field(answer, "decrypt", "data.plaintext", str)
         try:
-            return base64.b64decode(answer["data"]["plaintext"], validate=True)
-        except (KeyError, TypeError, binascii.Error) as e:
-            raise BackendError(f"vault: malformed plaintext for key {ref!r}") from e
+            return base64.b64decode(plaintext, validate=True)
+        except binascii.Error as e:
+            # Never the value: it is (a broken copy of) a content key.
+            raise BackendError(f"vault: malformed plaintext for key {ref!r}: not base64") from e
 
     def export_private_key_pem(self, ref: str) -> bytes:
         name = self._name(ref)
@@ -425,11 +430,11 @@ class VaultBackend:
             raise self._refused("export", ref, e) from e
         except hvac.exceptions.VaultError as e:
             raise self._refused("export", ref, e) from e
+        versions = self._field(answer, "export", "data.keys", dict)
         try:
-            versions = answer["data"]["keys"]
             pem = versions[max(versions, key=int)].encode()
             private = serialization.load_pem_private_key(pem, None)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BackendError(f"vault: key {ref!r} exported no usable private key") from e
         # Transit exports PKCS#1; the protocol promises PKCS#8.
         return private.private_bytes(
@@ -501,8 +506,8 @@ class VaultBackend:
             return []  # transit answers 404 for a mount without keys
         except hvac.exceptions.VaultError as e:
             raise self._outage("key listing", e) from e
-        if not isinstance(answer, dict):
-            return []  # no body (204): nothing listed
+        if isinstance(answer, requests.Response) and answer.status_code == 204:
+            return []  # no content: nothing listed
         names = self._field(answer, "key listing", "data.keys", list)
         prefix = self._settings.key_prefix
         return sorted(n for n in names if isinstance(n, str) and n.startswith(prefix))
