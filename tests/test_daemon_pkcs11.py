@@ -18,7 +18,6 @@ import base64
 import ctypes
 import json
 import logging
-import re
 import sqlite3
 import subprocess
 import sys
@@ -291,46 +290,6 @@ def test_daemon_log_states_the_oaep_sha256_mode_chosen_at_start_up(
     assert record["level"] == "WARNING"
     assert "ArgumentsBad" in record["msg"] and 'oaep_sha256 = "raw"' in record["msg"]
     assert hsm_daemon.hsm.pin not in "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- start-up errors
-
-
-@pytest.fixture(scope="module")
-def spare_hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
-    """A token of its own for the failing starts (a wrong PIN writes the token's files)."""
-    return initialise_token(tmp_path_factory.mktemp("spare-hsm") / "softhsm", "keyd-spare")
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"pin": "00000000"},
-         r"pkcs11: the PIN from file .*pkcs11\.pin is wrong for token 'keyd-spare' "
-         r"\(PinIncorrect\)"),
-        ({"module": "/opt/no-such-hsm/libp11.so"},
-         r"pkcs11: library /opt/no-such-hsm/libp11\.so not found"),
-        ({"token_label": "no-such-token"},
-         r"pkcs11: no token with label 'no-such-token' in .*tokens present: 'keyd-spare'"),
-        ({"oaep_sha256": "token"},
-         r'pkcs11: \[backend.pkcs11\] oaep_sha256 = "token", but token .* cannot decrypt'),
-    ],
-    ids=["wrong-pin", "missing-module", "missing-token", "oaep-token-mode-on-softhsm"],
-)
-def test_init_that_cannot_use_the_hsm_fails_with_one_clear_line(
-    spare_hsm: SoftHsm, tmp_path: Path, change: dict[str, str], message: str
-) -> None:
-    pin = change.pop("pin", None)
-    config = write_config(tmp_path, hsm_tables(tmp_path, spare_hsm, pin=pin, **change))
-    result = keyd(config, "init", env={"SOFTHSM2_CONF": str(spare_hsm.conf)}, check=False)
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if " WARNING " not in line]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert errors[0].startswith("keyd: error: ")
-    assert re.fullmatch("keyd: error: " + message + ".*", errors[0]), errors[0]
-    if pin is not None:
-        assert pin not in result.stderr and spare_hsm.pin not in result.stderr
 
 
 # ---------------------------------------------------------------------- sessions killed mid-load
