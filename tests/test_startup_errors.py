@@ -24,7 +24,7 @@ import pytest
 from keyd.cli import EXIT_BUG, EXIT_ERROR
 from tests.daemon import keyd, write_config
 from tests.fixtures.openbao import BaoServer
-from tests.fixtures.softhsm import SOFTHSM_MODULE, SoftHsm, initialise_token
+from tests.fixtures.softhsm import SOFTHSM_MODULE, SoftHsm, hsm_tables, initialise_token
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> str:
@@ -135,20 +135,6 @@ def hsm_without_user_pin(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     )
     return SoftHsm(module=SOFTHSM_MODULE, label="keyd-nopin", pin="user-pin-1234",
                    so_pin="so-pin-1234", conf=conf)
-
-
-def hsm_tables(folder: Path, hsm: SoftHsm, *, pin: str | None = None,
-               **pkcs11: Any) -> dict[str, dict[str, Any]]:
-    """config.toml tables for ``hsm``; the PIN in a 0600 file, never in the config."""
-    pin_file = folder / "pkcs11.pin"
-    pin_file.touch(mode=0o600)
-    pin_file.write_text((pin or hsm.pin) + "\n", encoding="utf-8")
-    return {
-        "backend": {"kind": "pkcs11"},
-        "backend.pkcs11": {"module": str(hsm.module), "token_label": hsm.label,
-                           "pin_file": pin_file.name, "sessions": 4, **pkcs11},
-        "lifecycle.transport": {"exportable": False},
-    }
 
 
 def run_on(hsm: SoftHsm, folder: Path, command: str, *, pin: str | None = None,
