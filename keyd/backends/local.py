@@ -160,6 +160,8 @@ class LocalBackend:
     def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
         if size not in ALLOWED_KEY_SIZES:
             raise BackendError(f"local: key size {size} is not one of {ALLOWED_KEY_SIZES}")
+        if exportable and not self.capabilities.exports_private_keys:
+            raise Unsupported("local: this backend is declared not to export keys")
         if exportable and purpose is not Purpose.TRANSPORT:
             raise BackendError(f"local: a {purpose.value} key cannot be exportable")
         private = rsa.generate_private_key(public_exponent=65537, key_size=size)
@@ -196,6 +198,8 @@ class LocalBackend:
             raise DecryptionFailed() from None
 
     def export_private_key_pem(self, ref: str) -> bytes:
+        if not self.capabilities.exports_private_keys:
+            raise Unsupported("local: this backend is declared not to export keys")
         key = self._load(ref)
         if not key.exportable:
             raise BackendError(f"local: key {ref} is not exportable")
