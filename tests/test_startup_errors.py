@@ -97,6 +97,19 @@ def test_vault_at_an_unreachable_address_fails_in_one_line(tmp_path: Path) -> No
                           r"vault: unreachable at http://127\.0\.0\.1:\d+ \(ConnectionError\)")
 
 
+@pytest.mark.parametrize("token", [b"s.t\xc3\xb6k\xe2\x82\xacn", b"\xff\xfe", b"s.two words"],
+                         ids=["not-latin-1", "not-utf-8", "a-space"])
+def test_vault_with_a_token_that_cannot_be_one_fails_in_one_line(
+    tmp_path: Path, token: bytes
+) -> None:
+    """Never reaches the network: a token must fit in an HTTP header."""
+    config = vault_config(tmp_path, f"http://127.0.0.1:{closed_port()}", "placeholder")
+    (tmp_path / "vault-token").write_bytes(token + b"\n")
+    assert_one_clear_line(keyd(config, "status", check=False),
+                          r"\[backend.vault\] the token from file .*vault-token is not a Vault "
+                          r"token: it must be printable ASCII without spaces")
+
+
 # ---------------------------------------------------------------------- pkcs11
 
 # A token with a security officer but no user PIN yet (softhsm2-util always

@@ -61,6 +61,21 @@ _APPROLE_MOUNT = "approle"
 _MIN_TTL_AFTER_RENEW = 120
 
 
+_CREDENTIAL = re.compile(rb"^[\x21-\x7e]+$")  # printable ASCII: it travels in an HTTP header
+
+
+def _credential(secret: Secret, what: str) -> str:
+    """The secret as the str hvac sends; a ConfigError naming where it came from
+    (never its value) when it could not be a Vault credential."""
+    value = secret.reveal()
+    if not _CREDENTIAL.match(value):
+        raise ConfigError(
+            f"[backend.vault] the {what} from {secret.source} is not a Vault {what}: "
+            "it must be printable ASCII without spaces"
+        )
+    return value.decode("ascii")
+
+
 def _shape(value: Any) -> str:
     """What Vault sent where keyd expected something else: an object's member
     names, a scalar's value, only the type of a string or list (which may be a
@@ -120,7 +135,7 @@ class VaultBackend:
         self._login_lock = threading.Lock()
         self._public: dict[str, tuple[int, rsa.RSAPublicKey]] = {}
         if settings.auth == "token":
-            self._client.token = self._read_token().reveal().decode()
+            self._client.token = _credential(self._read_token(), "token")
 
     # ------------------------------------------------------------------ auth
 
@@ -148,7 +163,7 @@ class VaultBackend:
             if self._client.token and self._client.token != stale:
                 return
             # Read the secret id again each time: an operator may have rotated it.
-            secret_id = self._read_secret_id().reveal().decode()
+            secret_id = _credential(self._read_secret_id(), "AppRole secret id")
             try:
                 answer = self._client.auth.approle.login(
                     role_id=self._settings.role_id,
