@@ -192,4 +192,5 @@ class BackendContract:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         private = load_pem_private_key(backend.export_private_key_pem(key.ref), None)
+        assert isinstance(private, rsa.RSAPrivateKey)
         assert private.public_key().public_numbers() == key.public_key.public_numbers()

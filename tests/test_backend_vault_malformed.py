@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ def test_every_method_on_a_server_of_html_pages_raises_only_keyd_errors(
                      f"/v1/transit/keys/{REF}/config"):
             vault.answers[(method, path)] = page
     backend = backend_on(vault, tmp_path)
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "check": backend.check,
         "renew": backend.renew,
         "list_refs": backend.list_refs,
