@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -301,9 +302,8 @@ def test_signs_survive_sessions_killed_from_a_second_handle_under_load(
                     # Every thread signs twice after a kill before the next one,
                     # so the one allowed retry always has a live session to use.
                     seen = list(done)
-                    assert gate.wait_for(
-                        lambda seen=seen: each_thread_signed_twice_since(seen), timeout=30
-                    )
+                    assert gate.wait_for(partial(each_thread_signed_twice_since, seen),
+                                         timeout=30)
                     assert errors == []
                     if kill == kills:
                         break
