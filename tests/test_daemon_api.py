@@ -20,6 +20,8 @@ from joserfc.registry import HeaderParameter
 
 from tests.daemon import Daemon, StaticServer, keyd, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 CONSENT_ID = "18ce19c8-85be-4049-899c-21cdc02cde79"
 

@@ -21,6 +21,8 @@ from joserfc.jwk import KeySet
 
 from tests.daemon import Daemon, StaticServer, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 REFUSALS = {"invalid_token", "invalid_signature", "decryption_failed", "bad_request",
             "payload_too_large", "not_found", "forbidden"}
 ISSUER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -46,7 +46,7 @@ from keyd.service import KeyService
 from tests.daemon import REPO, Daemon, keyd, start, write_config
 from tests.fixtures.softhsm import SoftHsm, initialise_token
 
-pytestmark = pytest.mark.pkcs11
+pytestmark = [pytest.mark.pkcs11, pytest.mark.slow]
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 KEY_PURPOSES = {p.value for p in Purpose}

@@ -25,6 +25,8 @@ from joserfc.jwk import KeySet
 
 from tests.daemon import REPO, Daemon, StaticServer, keyd, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 CLIENT_ID = "test-client-0001"  # tests/daemon.py's [keyd] client_id
 TOKEN_ENDPOINT = "https://as.paynet.example/token"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -29,7 +29,7 @@ from tests.daemon import Daemon, keyd, running, start, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.vault
+pytestmark = [pytest.mark.vault, pytest.mark.slow]
 
 POLICY = Path(__file__).parent.parent / "policies" / "vault" / "keyd-transit.hcl"
 AUDIENCE = "https://auth.sandbox.paynet.example/oauth2/token"
