@@ -32,7 +32,7 @@ from keyd.model import OaepHash, Purpose, SignScheme
 from tests.backend_contract import BackendContract, oaep_encrypt, strict_pss_verify
 from tests.fixtures.softhsm import SoftHsm
 
-pytestmark = pytest.mark.pkcs11
+pytestmark = [pytest.mark.pkcs11, pytest.mark.slow]  # SoftHSM2 key generation per test
 
 
 def settings(tmp_path: Path, hsm: SoftHsm, **pkcs11_table: Any) -> Settings:

@@ -23,6 +23,8 @@ from tests.daemon import Daemon, StaticServer, keyd, running
 from tests.daemon_contract import ALL_OAEP_ALGS, DaemonContract, published
 from tests.fixtures.jose import b64u
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 CONSENT_ID = "18ce19c8-85be-4049-899c-21cdc02cde79"
 
 

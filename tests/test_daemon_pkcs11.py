@@ -50,7 +50,7 @@ from tests.daemon_contract import ALL_OAEP_ALGS, DaemonContract
 from tests.fixtures.jose import b64u, b64u_decode
 from tests.fixtures.softhsm import SoftHsm, hsm_tables, initialise_token
 
-pytestmark = pytest.mark.pkcs11
+pytestmark = [pytest.mark.pkcs11, pytest.mark.slow]
 
 KEY_PURPOSES = {p.value for p in Purpose}
 

@@ -27,7 +27,7 @@ from tests.daemon_contract import DaemonContract, fetched_jwks, published, rsa_p
 from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.vault
+pytestmark = [pytest.mark.vault, pytest.mark.slow]
 
 POLICY = Path(__file__).parent.parent / "policies" / "vault" / "keyd-transit.hcl"
 # Correctness bound, not a benchmark: with a 2 s Vault timeout an outage must
