@@ -16,7 +16,7 @@ run: setup            ## sandbox keys, JWKS and local API up on the default conf
 test: setup           ## the whole suite, in parallel
 	$(BIN)/pytest -n 2 -q
 
-test-fast: setup      ## all but the tests marked slow (processes, browsers): under a minute
+test-fast: setup      ## all but the tests marked slow (daemons, browsers, processes)
 	$(BIN)/pytest -m "not slow" -n 2 -q
 
 lint: setup
