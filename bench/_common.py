@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.daemon import Daemon, keyd, start, write_config  # noqa: E402 - after the path fix
+from tests.fixtures.daemon import Daemon, keyd, start, write_config  # noqa: E402 - after the path fix
 
 CONNECTIONS = 16  # p50/p99 are reported at this concurrency (issue 13)
 

@@ -29,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import wrk  # noqa: E402 - after the path fix
-from tests.daemon import keyd, start, write_config  # noqa: E402
+from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
 
 
 def b64u(data: bytes) -> str:

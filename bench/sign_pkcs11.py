@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import CONNECTIONS, worker_rss_mib, wrk  # noqa: E402 - after the path fix
-from tests.daemon import keyd, start, write_config  # noqa: E402
+from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
 from tests.fixtures.softhsm import SoftHsm, initialise_token  # noqa: E402
 
 DATA = b'eyJhbGciOiJQUzI1NiIsImtpZCI6ImJlbmNoIn0.eyJpc3MiOiJiZW5jaCIsIm4iOjF9'

@@ -31,7 +31,7 @@ from bench._common import (  # noqa: E402 - after the path fix
     worker_rss_mib,
     wrk,
 )
-from tests.daemon import keyd, start, write_config  # noqa: E402
+from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
 from tests.fixtures.openbao import BaoServer, start_server, stop_server  # noqa: E402
 
 MOUNT = "transit"

@@ -33,7 +33,7 @@ from bench._common import (  # noqa: E402
     worker_rss_mib,
     wrk,
 )
-from tests.daemon import StaticServer  # noqa: E402
+from tests.fixtures.daemon import StaticServer  # noqa: E402
 
 KID = "bench-issuer-1"
 

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.openbao",
     "tests.fixtures.softhsm",
+    "tests.fixtures.transit",
 ]

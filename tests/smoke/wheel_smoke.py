@@ -42,7 +42,7 @@ from joserfc.jwk import KeySet
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.test_cli import FakeCA  # noqa: E402 - the checkout's test CA, after the path is set
+from tests.fixtures.certs import FakeCA  # noqa: E402 - the checkout's test CA, after the path is set
 
 START_TIMEOUT = 60.0
 CONFIG = """\
