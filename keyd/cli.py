@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from keyd.service import KeyInfo, KeyService
 
 # Imports stay inside the commands: `keyd --help` and `keyd status` pay only
-# for what they use (bench/cli_startup.py measures it; tests/test_cli_startup.py
+# for what they use (bench/cli_startup.py measures it; tests/daemon/test_cli_startup.py
 # keeps SQLAlchemy, Alembic, httpx, hvac, pkcs11 and the web stack out).
 
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG = 1, 2, 70

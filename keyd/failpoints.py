@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-# Every failpoint, in the order a rotation reaches them.  tests/test_crash.py
+# Every failpoint, in the order a rotation reaches them.  tests/daemon/test_crash.py
 # sweeps this list, so a new failpoint is tested by being added here.
 POINTS = (
     "after_generate",  # the backend holds a key the store does not know yet

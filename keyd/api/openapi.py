@@ -1,7 +1,7 @@
 """The OpenAPI description of the local API, served at /openapi.json.
 
 Written by hand next to the handlers in local.py and admin.py, and kept true
-by a schemathesis run against the live daemon (tests/test_openapi.py).
+by a schemathesis run against the live daemon (tests/daemon/test_openapi.py).
 """
 
 from __future__ import annotations

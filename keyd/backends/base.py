@@ -4,7 +4,7 @@ A backend holds private keys and performs the private-key operations; it knows
 nothing of purposes' lifecycles, kids, JWKS or policy.  A key is named by an
 opaque ``ref`` the backend chooses at generation time; the store keeps it.
 
-Contract (tests/backend_contract.py checks every implementation against it):
+Contract (tests/fixtures/backend_contract.py checks every implementation against it):
 - ``generate`` returns a new key that is immediately usable;
 - ``sign(ref, data, PSS_SHA256)`` is RSASSA-PSS, SHA-256, MGF1-SHA256, 32-byte
   salt over ``data`` (the message, not a digest);

@@ -1,6 +1,6 @@
 """The tables, as SQLModel classes.  Shapes only: the rules live in keyd/service/
 
-`migrations/versions/` creates these tables by hand; tests/test_store.py
+`migrations/versions/` creates these tables by hand; tests/backends/test_store.py
 checks that the two never drift apart.
 """
 
