@@ -19,9 +19,9 @@ test: setup           ## the whole suite, in parallel
 test-fast: setup      ## all but the tests marked slow (daemons, browsers, processes)
 	$(BIN)/pytest -m "not slow" -n 2 -q
 
-lint: setup
+lint: setup           ## ruff, and mypy --strict over keyd, tests and bench (pyproject.toml)
 	$(BIN)/ruff check keyd tests bench
-	$(BIN)/mypy keyd
+	$(BIN)/mypy
 
 bench: setup          ## each a ratio against a reference measured in the same run
 	$(BIN)/python bench/sign_jws.py

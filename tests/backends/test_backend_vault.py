@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import hvac.exceptions  # type: ignore[import-untyped]
+import hvac.exceptions  # type: ignore[import-untyped]  # hvac ships no type hints
 import pytest
 from cryptography.exceptions import InvalidSignature
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from keyd import config
+from keyd.backends.vault import VaultBackend
 from keyd.jobs import Jobs
 from keyd.scheduler import Scheduler
 from keyd.service import KeyService
@@ -34,13 +35,15 @@ def test_scheduler_renews_an_approle_login_and_logs_in_again_after_revocation(
     try:
         assert scheduler.job_ids() == ["lifecycle", "renew"]
         service.init()
-        first_token = service.backend._client.token  # type: ignore[attr-defined]
+        backend = service.backend
+        assert isinstance(backend, VaultBackend)
+        first_token = backend._client.token
         scheduler.renew()
-        assert service.backend._client.token == first_token  # type: ignore[attr-defined]
+        assert backend._client.token == first_token
         openbao.client().sys.revoke_prefix(f"auth/{approle['path']}/login")
         scheduler.renew()  # renewal of a revoked token fails: log in afresh
-        assert service.backend._client.token != first_token  # type: ignore[attr-defined]
-        service.backend.check()
+        assert backend._client.token != first_token
+        backend.check()
         assert service.keys()
     finally:
         scheduler.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -67,7 +67,7 @@ def test_the_audit_log_on_an_unreachable_database_raises_only_keyd_errors(
     """Writing (the writer thread and inside a session), verifying, heads and
     reading: each fails closed as StoreUnavailable, never a SQLAlchemy type."""
     audit = AuditLog(unreachable, SettableClock(T0))
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "record": lambda: audit.record(AuditEvent(actor="svc", action="sign.jws")),
         "verify": audit.verify,
         "head": audit.head,

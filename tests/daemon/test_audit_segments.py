@@ -8,7 +8,7 @@ taken its segment lock in the database."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -26,10 +26,10 @@ pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 WAIT = 30.0  # liveness bound for event waits, not a timing assertion
 
 
-def until(predicate: object, what: str) -> None:
+def until(predicate: Callable[[], object], what: str) -> None:
     tick = threading.Event()
     for _ in range(int(WAIT / 0.05)):
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         tick.wait(0.05)
     raise AssertionError(f"never happened: {what}")

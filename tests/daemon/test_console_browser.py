@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwcrypto import jwk  # type: ignore[import-untyped]
+from jwcrypto import jwk  # type: ignore[import-untyped]  # jwcrypto ships no type hints
 from playwright.sync_api import Browser, Page, expect
 
 from tests.fixtures.browser import check_page, chromium, context
@@ -245,7 +245,8 @@ def test_a_post_without_its_csrf_token_is_refused(daemon: Daemon, browser: Brows
         expect(page.locator(".flash")).to_contain_text("Signed in")
         kids = published(daemon)
         # The browser's own cookies, but no token or a wrong one: refused, nothing done.
-        for form in ({}, {"csrf": "forged"}):
+        forms: list[dict[str, str | float | bool]] = [{}, {"csrf": "forged"}]
+        for form in forms:
             answer = ctx.request.post("/console/keys/encryption/rotate", form=form)
             assert answer.status == 403, answer.text()
             assert "CSRF" in answer.text()

@@ -236,7 +236,7 @@ def test_hostile_jwes_are_refused_alike(daemon: Daemon, svc: httpx.Client) -> No
 # Every mutation of a genuine, fresh PayNet message signature, sent to each
 # endpoint that verifies: none may be accepted, none may be a 5xx.
 
-BAD_VALUES = [None, 0, -1, 1e308, True, [], {}, "", "x" * 300, "\x00"]
+BAD_VALUES: list[Any] = [None, 0, -1, 1e308, True, [], {}, "", "x" * 300, "\x00"]
 MUTATED_MEMBERS = ["alg", "kid", "crit", "iat", "jti", "iss", "b64"]
 ADDED_MEMBERS = {"jku": "http://169.254.169.254/", "x5u": "http://169.254.169.254/",
                  "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}, "x5c": ["AAAA"],

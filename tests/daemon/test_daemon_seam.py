@@ -172,7 +172,7 @@ def link(consent_id: str, signature: str, *, prefix: str = "https://dp.example.m
 # ---------------------------------------------------------------------- claims
 
 NOW = int(time.time())
-BAD_TIME_CLAIMS = {
+BAD_TIME_CLAIMS: dict[str, dict[str, Any]] = {
     "exp a day past": {"exp": NOW - 86400},
     "exp tomorrow as text": {"exp": "tomorrow"},
     "exp true": {"exp": True},

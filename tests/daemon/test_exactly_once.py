@@ -25,9 +25,10 @@ from keyd.errors import Conflict, KeydError, RotationUnderWay
 from keyd.jobs import Jobs
 from keyd.model import KeyState, Purpose
 from keyd.replica import host, this_replica
+from keyd.resources import migrations_dir
 from keyd.service import KeyInfo, KeyService
 from keyd.store import queries
-from keyd.store.db import Store, migrations_dir
+from keyd.store.db import Store
 from keyd.store.tables import KeyIntent, KeyVersion
 from tests.fixtures.daemon import KEYD, keyd, running, write_config
 from tests.fixtures.service import Recorder, jobs_for, open_service
@@ -167,7 +168,8 @@ def test_concurrent_rotations_in_separate_processes_make_exactly_one_pending_key
 
 @pytest.mark.slow  # a real daemon
 def test_a_second_rotation_names_the_pending_kid_and_when_it_activates(tmp_path: Path) -> None:
-    tables = {"lifecycle.transport": {"enabled": False}, "lifecycle.signing": {"prepublish": "2d"}}
+    tables: dict[str, dict[str, Any]] = {"lifecycle.transport": {"enabled": False},
+                                         "lifecycle.signing": {"prepublish": "2d"}}
     with running(tmp_path, tables) as daemon, daemon.client(daemon.admin_token) as admin:
         first = admin.post("/v1/keys/signing/rotate", json={})
         assert first.status_code == 200, first.text
@@ -233,10 +235,10 @@ def test_recovery_spares_a_live_process_key_intent_and_erases_a_dead_or_stale_on
     # and the backend already holds a key nobody stored (it may be that one).
     made = backend.generate(Purpose.SIGNING, 2048)
     with service.store.session(write=True) as s:
-        queries.claim_intent(s, KeyIntent(id="kv_elsewhere", purpose="signing",
+        queries.claim_intent(s, KeyIntent(id="kv_elsewhere", purpose=Purpose.SIGNING,
                                           replica="other-host:4242", created_at=T0))
         # A process of this host that died while making an encryption key.
-        queries.claim_intent(s, KeyIntent(id="kv_dead", purpose="encryption",
+        queries.claim_intent(s, KeyIntent(id="kv_dead", purpose=Purpose.ENCRYPTION,
                                           replica=f"{host()}:{_dead_pid()}", created_at=T0))
     jobs.recover()
     with service.store.session() as s:

@@ -10,6 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
+from schemathesis.core.result import Err
 
 from tests.fixtures.daemon import Daemon, running
 
@@ -35,7 +36,11 @@ def test_every_answer_matches_the_description(daemon: Daemon) -> None:
     # operations are driven here with hypothesis directly.
     schema = schemathesis.openapi.from_url(daemon.api_url + "/openapi.json")
     auth = {"Authorization": f"Bearer {daemon.admin_token}"}
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):
+            pytest.fail(f"the description does not load: {result.err()}")
+        operations.append(result.ok())
     assert len(operations) >= 10
 
     for operation in operations:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from joserfc import jwe, jws
@@ -192,7 +193,7 @@ def test_pkcs11_daemon_works_under_mdwe_with_its_pin_from_a_credential(tmp_path:
     (creds / "pkcs11-pin").write_text(hsm.pin + "\n")
     env = {**mdwe_env(tmp_path), "CREDENTIALS_DIRECTORY": str(creds),
            "SOFTHSM2_CONF": str(hsm.conf)}
-    tables = {
+    tables: dict[str, dict[str, Any]] = {
         "backend": {"kind": "pkcs11"},
         "backend.pkcs11": {"module": str(SOFTHSM_MODULE), "token_label": hsm.label,
                            "pin_file": "", "sessions": 2},

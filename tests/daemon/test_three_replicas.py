@@ -173,7 +173,11 @@ def test_three_replicas_on_one_store_and_one_openbao(
         assert pending == {"signing": 1, "encryption": 1}
 
         # 2. Forced rotations while one replica restarts in a loop.
-        restarts = threading.Thread(target=lambda: [group.restart(2) for _ in range(2)])
+        def restart_twice() -> None:
+            for _ in range(2):
+                group.restart(2)
+
+        restarts = threading.Thread(target=restart_twice)
         restarts.start()
         forced = storm(group, {"now": True}, group.up()[:2])
         restarts.join()

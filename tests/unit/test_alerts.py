@@ -27,7 +27,7 @@ from tests.fixtures.service import T0, open_service
 from tests.fixtures.webhook import Webhook
 
 
-class Inbox(Message):  # type: ignore[misc]  # aiosmtpd ships no type hints
+class Inbox(Message):
     def __init__(self) -> None:
         super().__init__()
         self.messages: list[Any] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,8 +24,9 @@ from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.replica import this_replica
+from keyd.resources import migrations_dir
 from keyd.store import audit as audit_sql
-from keyd.store.db import Store, migrations_dir
+from keyd.store.db import Store
 from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -44,12 +47,11 @@ def log(store: Store, clock: SettableClock) -> Iterator[AuditLog]:
         audit.close()
 
 
-def _event(n: int = 0, **kw: object) -> AuditEvent:
-    fields: dict[str, object] = {
-        "actor": "consent-svc", "action": "sign.jws", "kid": "kid-1", "purpose": "signing",
-        "detail": {"n": n, "alg": "PS256"}, "payload_hash": payload_hash(b"payload %d" % n),
-    }
-    return AuditEvent(**{**fields, **kw})  # type: ignore[arg-type]
+def _event(n: int = 0, **kw: Any) -> AuditEvent:
+    event = AuditEvent(actor="consent-svc", action="sign.jws", kid="kid-1", purpose="signing",
+                       detail={"n": n, "alg": "PS256"},
+                       payload_hash=payload_hash(b"payload %d" % n))
+    return dataclasses.replace(event, **kw)
 
 
 def _raw(store: Store, sql: str) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -54,12 +55,12 @@ class Cli:
             assert code == 0, f"keyd {' '.join(args)} failed ({code}): {err}"
         return Outcome(code, out, err)
 
-    def jwks(self, config: Path) -> list[dict[str, object]]:
-        keys: list[dict[str, object]] = json.loads(self(config, "jwks").stdout)["keys"]
+    def jwks(self, config: Path) -> list[dict[str, Any]]:
+        keys: list[dict[str, Any]] = json.loads(self(config, "jwks").stdout)["keys"]
         return keys
 
-    def keys(self, config: Path) -> list[dict[str, object]]:
-        listed: list[dict[str, object]] = json.loads(self(config, "keys", "list", "--json").stdout)
+    def keys(self, config: Path) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = json.loads(self(config, "keys", "list", "--json").stdout)
         return listed
 
 
@@ -120,7 +121,7 @@ def test_production_mode_issues_csrs_and_activates_on_certificate_import(
     assert len(published) == 1
     leaf_der = x509.load_pem_x509_certificates(chain)[0].public_bytes(serialization.Encoding.DER)
     assert published[0]["kid"] == b64u(hashlib.sha256(leaf_der).digest())
-    assert len(published[0]["x5c"]) == 2  # type: ignore[arg-type]
+    assert len(published[0]["x5c"]) == 2
     listed = next(k for k in cli.keys(config) if k["id"] == signing["id"])
     assert listed["kid"] == published[0]["kid"] and listed["state"] == "active"
 

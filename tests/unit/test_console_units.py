@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,11 +167,12 @@ def test_countdowns_read_at_a_glance() -> None:
         "15m", "2d", "36h", "90s"]
 
 
-def key(kid: str, state: KeyState, **times: datetime) -> KeyRow:
+def key(kid: str, state: KeyState, **fields: Any) -> KeyRow:
+    """A KeyRow with ``fields`` (its times, ``changed`` for state_changed_at, a reason)."""
     return KeyRow(id="kv_" + kid, kid=kid, provisional=False, purpose=Purpose.SIGNING,
                   state=state, alg="PS256", key_size=2048, backend="local",
-                  created_at=times.get("publish_at", T0 - timedelta(days=100)),
-                  state_changed_at=times.pop("changed", T0 - timedelta(days=1)), **times)
+                  created_at=fields.get("publish_at", T0 - timedelta(days=100)),
+                  state_changed_at=fields.pop("changed", T0 - timedelta(days=1)), **fields)
 
 
 def test_the_timeline_draws_each_stretch_of_each_key_in_time_order() -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from keyd.clock import SettableClock
@@ -41,8 +42,9 @@ def test_active_transport_key_is_deployed_0600_and_reloaded_once(tmp_path: Path)
         assert chain.stat().st_mode & 0o777 == 0o600 and key.stat().st_mode & 0o777 == 0o600
         active = by_state(service, KeyState.ACTIVE, Purpose.TRANSPORT)[0]
         leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
-        private = load_pem_private_key(key.read_bytes(), None)
-        assert private.public_key().public_numbers() == leaf.public_key().public_numbers()
+        private, public = load_pem_private_key(key.read_bytes(), None), leaf.public_key()
+        assert isinstance(private, rsa.RSAPrivateKey) and isinstance(public, rsa.RSAPublicKey)
+        assert private.public_key().public_numbers() == public.public_numbers()
         assert leaf.not_valid_after_utc == active.not_after
         assert marker.read_text() == "x"
         jobs.run()  # nothing changed: no rewrite, no reload

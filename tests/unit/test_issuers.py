@@ -352,7 +352,7 @@ def _rsa_members(**overrides: Any) -> dict[str, Any]:
     return {**JWK_B, **overrides}
 
 
-BAD_KEYS = {
+BAD_KEYS: dict[str, Any] = {  # JWKs as a JWKS document carries them: JSON, any shape
     "rsa 1024": public_jwk(WEAK.public_key(), kid="bad", use="sig", alg="PS256", chain=[]),
     "rsa 24 bits": _rsa_members(kid="bad", n=b64u_encode((0xC5A9F1).to_bytes(3, "big"))),
     "e = 3": _rsa_members(kid="bad", e="Aw"),
@@ -367,7 +367,7 @@ BAD_KEYS = {
     "ec secp256k1": {**_ec_jwk("bad"), "crv": "secp256k1"},
     "ec point off curve": {**_ec_jwk("bad"), "y": b64u_encode(b"\x01" * 32)},
     "ec short x": {**_ec_jwk("bad"), "x": b64u_encode(b"\x01" * 31)},
-    "not an object": "a string",  # type: ignore[dict-item]
+    "not an object": "a string",
     "even modulus": _rsa_members(kid="bad", n=b64u_encode(
         (KEY_B.public_key().public_numbers().n + 1).to_bytes(256, "big"))),
     "16000-bit modulus": _rsa_members(kid="bad", n=b64u_encode(

@@ -288,7 +288,7 @@ def test_headers_that_carry_or_point_to_a_key_are_refused(name: str) -> None:
 
 # ------------------------------------------------------------- crit
 
-MSG = {"iss": "paynet", "iat": T, "jti": "j-1"}
+MSG: dict[str, Any] = {"iss": "paynet", "iat": T, "jti": "j-1"}
 
 
 @pytest.mark.parametrize(
@@ -759,7 +759,10 @@ def test_jwt_time_window(claims: dict[str, Any], ok: bool) -> None:
     issuer = "paynet" if "iss" in claims else None
     audience = "https://rp.example" if "aud" in claims else None
     payload = json.dumps(claims).encode()
-    check = lambda: verify_jwt_claims(payload, now=NOW, issuer=issuer, audience=audience)  # noqa: E731
+
+    def check() -> dict[str, Any]:
+        return verify_jwt_claims(payload, now=NOW, issuer=issuer, audience=audience)
+
     if ok:
         assert check() == claims
     else:

@@ -31,6 +31,12 @@ class Secret:
     must_not_appear: list[str]
 
 
+def _text(member: object) -> str:
+    """A private JWK member, which joserfc types as str or list: these are all str."""
+    assert isinstance(member, str), member
+    return member
+
+
 def _secrets() -> list[Secret]:
     rsa_jwk = RSAKey.generate_key(2048)
     private = rsa_jwk.as_dict(private=True)
@@ -53,7 +59,7 @@ def _secrets() -> list[Secret]:
         Secret("compact-jws", compact, [compact, *compact.split(".")]),
         Secret("private-pem", pem, pem_body),
         Secret("private-jwk", json.dumps(private),
-               [private[m] for m in ("d", "p", "q", "dp", "dq", "qi")]),
+               [_text(private[m]) for m in ("d", "p", "q", "dp", "dq", "qi")]),
         Secret("master-key-line", f"KEYD_MASTER_KEY={master}", [master]),
         Secret("master-key-prose", f"loaded master key {master}", [master]),
         Secret("vault-token", vault_token, [vault_token, vault_token[4:]]),
