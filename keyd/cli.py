@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 # A kid is base64url: one in 64 starts with "-", which argparse takes for an
 # option unless "--" comes first (keyd revoke --reason R -- -AbC...).
-KID_HELP = "the key's id or kid (put -- before a kid that starts with -)"
+KID_HELP = "the key's id or kid (one that starts with a dash goes after --)"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="keyd", description="Key and certificate daemon for Open Finance.")
