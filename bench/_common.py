@@ -6,8 +6,10 @@ a ratio against a reference measured in the same run."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.daemon import Daemon, keyd, start, write_config  # noqa: E402 - after the path fix
 
 CONNECTIONS = 16  # p50/p99 are reported at this concurrency (issue 13)
+SIGN_BODY = '{"payload": {"bench": "sign", "scope": "accounts", "n": 1}}'
 
 
 def openssl_rsa2048(seconds: int) -> float:
@@ -53,7 +56,7 @@ def _latency_ms(text: str, percentile: str) -> float:
 
 
 def wrk(url: str, token: str | None, seconds: int, connections: int = CONNECTIONS, *,
-        body: str | None = '{"payload": {"bench": "sign", "scope": "accounts", "n": 1}}',
+        body: str | None = SIGN_BODY,
         ) -> dict[str, float]:
     """POST ``body`` (GET without one) to ``url`` for ``seconds``: rate, p50, p99, errors."""
     if shutil.which("wrk") is None:
@@ -125,6 +128,33 @@ def timed_loop(make: Callable[[], Callable[[], object]], threads: int,
         "p99_ms": round(cuts[98] * 1000, 2),
         "errors": float(sum(errors)),
     }
+
+
+def bare_uvicorn(app: str, path: str, seconds: int, connections: int = CONNECTIONS, *,
+                 body: str | None = None) -> dict[str, float]:
+    """wrk against ``bench/_bare_app.py``'s ``app`` on bare uvicorn, one worker a core."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", f"bench._bare_app:{app}", "--port", str(port),
+         "--workers", str(len(os.sched_getaffinity(0))), "--no-access-log",
+         "--log-level", "warning"],
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}{path}"
+        sent = {} if body is None else {"body": body}
+        wrk(url, None, 1, connections, **sent)  # warm-up
+        return wrk(url, None, seconds, connections, **sent)
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def worker_rss_mib(daemon: Daemon) -> list[float]:

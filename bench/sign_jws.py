@@ -4,7 +4,10 @@
     .venv/bin/python bench/sign_jws.py [--seconds 5] [--connections 16]
 
 Prints sign/s, p50/p99 latency, each worker's resident memory and the ratio
-keyd/openssl (target 0.6, issue 13).
+keyd/openssl (target 0.6, issue 13).  Also the ceiling: a bare uvicorn app
+that parses the same body and signs it with pyca/cryptography, nothing else
+(bench/_bare_app.py), on as many workers, and its own ratio to openssl: what
+any Python server on uvicorn reaches here, and keyd's share of it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (  # noqa: E402 - after the path fix
     CONNECTIONS,
+    SIGN_BODY,
+    bare_uvicorn,
     bench_daemon,
     openssl_rsa2048,
     report,
@@ -41,10 +46,15 @@ def main() -> None:
         wrk(url, token, 1, args.connections)  # warm-up
         result = wrk(url, token, args.seconds, args.connections)
         rss = worker_rss_mib(daemon)
+    ceiling = bare_uvicorn("sign_app", "/v1/sign/jws", args.seconds, args.connections,
+                           body=SIGN_BODY)
     reference = (before + openssl_rsa2048(min(args.seconds, 3))) / 2
     report("POST /v1/sign/jws (local backend, RSA-2048 PS256)", result,
            "openssl_speed_multi2_rsa2048_per_second", reference, 0.6,
-           connections=args.connections, worker_rss_mib=rss)
+           connections=args.connections, worker_rss_mib=rss,
+           bare_sign_app=ceiling,
+           bare_sign_app_ratio=round(ceiling["per_second"] / reference, 3),
+           share_of_bare_sign_app=round(result["per_second"] / ceiling["per_second"], 3))
 
 
 if __name__ == "__main__":

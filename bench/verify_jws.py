@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
 from bench._common import (  # noqa: E402
     CONNECTIONS,
+    bare_uvicorn,
     bench_daemon,
     report,
     worker_rss_mib,
@@ -49,30 +46,6 @@ def issuer_message(key: rsa.RSAPrivateKey) -> str:
                          padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
                          hashes.SHA256())
     return f"{header}.{payload}.{b64u(signature)}"
-
-
-def bare_uvicorn(seconds: int, connections: int, body: str) -> dict[str, float]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = str(len(os.sched_getaffinity(0)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench._bare_app:app", "--port", str(port),
-         "--workers", workers, "--no-access-log", "--log-level", "warning"],
-        cwd=Path(__file__).resolve().parent.parent)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1/verify/jws"
-        wrk(url, None, 1, connections, body=body)  # warm-up
-        return wrk(url, None, seconds, connections, body=body)
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def main() -> None:
@@ -99,7 +72,8 @@ def main() -> None:
             rss = worker_rss_mib(daemon)
     finally:
         issuer.close()
-    reference = bare_uvicorn(args.seconds, args.connections, body)
+    reference = bare_uvicorn("app", "/v1/verify/jws", args.seconds, args.connections,
+                             body=body)
     report("POST /v1/verify/jws (issuer PS256, JWKS cached)", result,
            "bare_uvicorn_fixed_json_per_second", reference["per_second"], 0.5,
            connections=args.connections, worker_rss_mib=rss, bare_uvicorn=reference)

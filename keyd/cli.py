@@ -40,6 +40,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+# A kid is base64url: one in 64 starts with "-", which argparse takes for an
+# option unless "--" comes first (keyd revoke --reason R -- -AbC...).
+KID_HELP = "the key's id or kid (one that starts with a dash goes after --)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="keyd", description="Key and certificate daemon for Open Finance.")
     p.add_argument("--config", help="config file (default $KEYD_CONFIG, then ./config.toml)")
@@ -52,11 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     kl.add_argument("--json", action="store_true")
     sub.add_parser("jwks", help="print the public JWKS")
     csr = sub.add_parser("csr", help="print a key's CSR (PEM)")
-    csr.add_argument("kid")
+    csr.add_argument("kid", help=KID_HELP)
     cert = sub.add_parser("cert", help="certificates").add_subparsers(
         dest="cert_command", required=True, parser_class=_Parser)
     ci = cert.add_parser("import", help="attach a CA-issued certificate chain to its key")
-    ci.add_argument("kid")
+    ci.add_argument("kid", help=KID_HELP)
     ci.add_argument("file", type=Path)
     ci.add_argument("--kid", dest="assigned_kid", help="a directory-assigned kid to pin")
     client = sub.add_parser("client", help="local API clients").add_subparsers(
@@ -71,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="activate at once, skipping pre-publication: verifiers with a cached "
                           "JWKS reject the new key's tokens until they refetch (emergencies)")
     rev = sub.add_parser("revoke", help="revoke a key: out of the JWKS, refused at once")
-    rev.add_argument("kid")
+    rev.add_argument("kid", help=KID_HELP)
     rev.add_argument("--reason", required=True)
     al = sub.add_parser("alerts", help="alert channels").add_subparsers(
         dest="alerts_command", required=True, parser_class=_Parser)

@@ -157,6 +157,7 @@ def run_on(hsm: SoftHsm, folder: Path, command: str, *, pin: str | None = None,
 
 
 @pytest.mark.pkcs11
+@pytest.mark.slow  # a keyd process each: SoftHSM2 reads SOFTHSM2_CONF once per process
 @pytest.mark.parametrize(
     ("command", "change", "message"),
     [
@@ -193,6 +194,7 @@ def test_a_backend_that_cannot_use_the_hsm_fails_in_one_line(
 
 
 @pytest.mark.pkcs11
+@pytest.mark.slow  # a keyd process: SoftHSM2 reads SOFTHSM2_CONF once per process
 def test_a_token_without_a_user_pin_fails_in_one_line_not_as_an_internal_error(
     hsm_without_user_pin: SoftHsm, tmp_path: Path
 ) -> None:

@@ -59,7 +59,8 @@ def test_cli_rotate_now_and_revoke_and_status_json(tmp_path: Path) -> None:
     enc = [k for k in listed if k["purpose"] == "encryption"]
     assert sorted(k["state"] for k in enc) == ["active", "retired"]
     active = next(k for k in enc if k["state"] == "active")
-    result = keyd(cfg, "revoke", active["kid"], "--reason", "test")
+    # "--": a kid is base64url, and one in 64 starts with "-".
+    result = keyd(cfg, "revoke", "--reason", "test", "--", active["kid"])
     assert "revoked encryption key" in result.stdout and "is active" in result.stdout
     missing = keyd(cfg, "revoke", "no-such-kid", "--reason", "x", check=False)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
