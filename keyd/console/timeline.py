@@ -131,8 +131,8 @@ def build(keys: list[KeyRow], now: datetime, thresholds: tuple[timedelta, ...],
     for i, key in enumerate(shown):
         y = AXIS_HEIGHT + i * ROW_HEIGHT
         bar_y = y + (ROW_HEIGHT - BAR_HEIGHT) / 2
-        name = f"{key.purpose.value} key {key.kid}"
-        rows.append(Row(y=y, kid=key.kid, short=_short(key.kid),
+        name = f"{key.purpose.value} key {key.kid_or_id}"
+        rows.append(Row(y=y, kid=key.kid_or_id, short=_short(key.kid_or_id),
                         caption=f"{key.purpose.value}, {key.state.value.replace('_', ' ')}"))
         for kind, a, b in _periods(key, now):
             if visible(a, b):
