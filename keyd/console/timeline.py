@@ -28,12 +28,17 @@ MAX_LABELS = 9  # past this many ticks, every other one is labelled
 
 
 @dataclass(frozen=True)
-class Span:
+class Drawn:
+    """Something drawn on a key's row, with the label its ``<title>`` carries."""
+
     x: float
     y: float
-    width: float
-    kind: str  # published | active | planned | retired | awaiting
+    kind: str  # a Span's or a Mark's, listed below
     label: str
+
+    @property
+    def middle(self) -> float:
+        return self.x
 
     @property
     def brief(self) -> str:
@@ -42,24 +47,24 @@ class Span:
 
     @property
     def anchor(self) -> str:
-        """Where its label sits when shown: right of the span, or left of it past the middle."""
-        return "end" if self.x + self.width / 2 > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
+        """Where its label sits when shown: right of it, or left of it past the middle."""
+        return "end" if self.middle > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
 
 
 @dataclass(frozen=True)
-class Mark:
-    x: float
-    y: float
-    kind: str  # not_after | threshold | revoked
-    label: str
+class Span(Drawn):
+    """A stretch of a key's life: published | active | planned | retired | awaiting."""
+
+    width: float
 
     @property
-    def brief(self) -> str:
-        return self.label.partition(": ")[2] or self.label
+    def middle(self) -> float:
+        return self.x + self.width / 2
 
-    @property
-    def anchor(self) -> str:
-        return "end" if self.x > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
+
+@dataclass(frozen=True)
+class Mark(Drawn):
+    """A moment in it: not_after | threshold | revoked."""
 
 
 @dataclass(frozen=True)
