@@ -70,7 +70,7 @@ class Mark(Drawn):
 @dataclass(frozen=True)
 class Tick:
     x: float
-    label: str
+    label: str = ""  # none on every other tick when there are more than MAX_LABELS
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _ticks(start: datetime, end: datetime, x_of: Callable[[datetime], float]) ->
     if len(ticks) > MAX_LABELS:
         # Keep every grid line, but label every other (or third...) so labels never touch.
         every = -(-len(ticks) // MAX_LABELS)
-        ticks = [t if i % every == 0 else Tick(t.x, "") for i, t in enumerate(ticks)]
+        ticks = [t if i % every == 0 else Tick(t.x) for i, t in enumerate(ticks)]
     return ticks
 
 
