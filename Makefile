@@ -7,7 +7,7 @@ DEBS   := softhsm2 wrk systemd chromium
 AXE    := .npm/node_modules/axe-core/axe.min.js
 AXE_VERSION := 4.10.3
 
-.PHONY: run test lint bench setup system-packages clean dist install
+.PHONY: run test test-fast lint bench setup system-packages clean dist install
 
 run: setup            ## sandbox keys, JWKS and local API up on the default config.toml
 	$(BIN)/keyd --config config.toml init
@@ -15,6 +15,9 @@ run: setup            ## sandbox keys, JWKS and local API up on the default conf
 
 test: setup           ## the whole suite, in parallel
 	$(BIN)/pytest -n 2 -q
+
+test-fast: setup      ## all but the tests marked slow (daemons, browsers, processes)
+	$(BIN)/pytest -m "not slow" -n 2 -q
 
 lint: setup
 	$(BIN)/ruff check keyd tests bench

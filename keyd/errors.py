@@ -148,6 +148,20 @@ class BackendError(KeydError):
     status = 500
 
 
+class Unsupported(BackendError):
+    """The backend cannot do this at all: an operation or an OAEP hash its
+    ``Capabilities`` leave out (RSA-OAEP with SHA-1 on transit, an exportable
+    key on an HSM).
+
+    A 422, not a 500: keyd is not failing, the request asks for something
+    this deployment does not offer.  Backends decide it before touching any
+    key or ciphertext, so it is no oracle.
+    """
+
+    code = "unsupported"
+    status = 422
+
+
 class BackendUnavailable(BackendError):
     """The key backend cannot be reached (sealed, down, token revoked, slow)."""
 

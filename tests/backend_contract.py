@@ -1,13 +1,17 @@
 """The contract every key backend passes (keyd/backends/base.py).
 
 A backend's own test module subclasses :class:`BackendContract` and provides
-only a ``backend`` fixture; everything below runs against it unchanged.
+only a ``backend`` fixture; everything below runs against it unchanged.  What
+is expected follows from the backend's ``Capabilities``: what it declares must
+work, and what it leaves out must fail with the one :class:`Unsupported`
+error (a 422), decided before any key or ciphertext is looked at.
 Signatures and decryptions are checked with pyca/cryptography's public-key
 operations, independently of the backend that made them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -15,8 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keyd.api.errors import keyd_error
 from keyd.backends.base import Backend, GeneratedKey
-from keyd.errors import BackendError, DecryptionFailed, KeydError, KeyNotFound
+from keyd.errors import BackendError, DecryptionFailed, KeyNotFound, Unsupported
 from keyd.model import OaepHash, Purpose, SignScheme
 
 _HASHES = {OaepHash.SHA256: hashes.SHA256, OaepHash.SHA1: hashes.SHA1}
@@ -54,6 +59,10 @@ class BackendContract:
         assert isinstance(backend, Backend)
         backend.check()
         assert backend.capabilities.name
+
+    def test_declares_rsa_oaep_256_which_the_jwks_advertises(self, backend: Backend) -> None:
+        """The published encryption key says RSA-OAEP-256: every backend must decrypt it."""
+        assert OaepHash.SHA256 in backend.capabilities.oaep_hashes
 
     def test_generated_key_has_the_requested_size(self, backend: Backend) -> None:
         key = backend.generate(Purpose.SIGNING, 3072)
@@ -100,23 +109,44 @@ class BackendContract:
         strict_pss_verify(signing_key.public_key, signature, data)
 
     @pytest.mark.parametrize("oaep_hash", list(OaepHash))
-    def test_oaep_decrypts_a_content_key(
+    def test_oaep_decrypts_a_content_key_with_each_declared_hash(
         self, backend: Backend, encryption_key: GeneratedKey, oaep_hash: OaepHash
     ) -> None:
-        if oaep_hash not in backend.capabilities.oaep_hashes:
-            pytest.fail(f"{backend.capabilities.name} must decrypt {oaep_hash.jwe_alg}")
         cek = os.urandom(32)
         ciphertext = oaep_encrypt(encryption_key.public_key, cek, oaep_hash)
-        assert backend.decrypt(encryption_key.ref, ciphertext, oaep_hash) == cek
+        if oaep_hash in backend.capabilities.oaep_hashes:
+            assert backend.decrypt(encryption_key.ref, ciphertext, oaep_hash) == cek
+            return
+        with pytest.raises(Unsupported, match=oaep_hash.jwe_alg) as raised:
+            backend.decrypt(encryption_key.ref, ciphertext, oaep_hash)
+        # What the API would answer: the sender's error, not keyd failing.
+        answer = keyd_error(raised.value)
+        assert answer.status_code == 422
+        assert json.loads(bytes(answer.body))["error"] == "unsupported"
+
+    @pytest.mark.parametrize("oaep_hash", list(OaepHash))
+    def test_an_undeclared_hash_is_unsupported_whatever_the_ciphertext(
+        self, backend: Backend, encryption_key: GeneratedKey, oaep_hash: OaepHash
+    ) -> None:
+        """Decided from the hash alone: garbage and an unknown ref get the same answer."""
+        if oaep_hash in backend.capabilities.oaep_hashes:
+            with pytest.raises(DecryptionFailed):
+                backend.decrypt(encryption_key.ref, b"\x00" * 256, oaep_hash)
+            return
+        for ref, ciphertext in ((encryption_key.ref, b"\x00" * 256),
+                                (encryption_key.ref, b""), ("no-such-key", os.urandom(256))):
+            with pytest.raises(Unsupported):
+                backend.decrypt(ref, ciphertext, oaep_hash)
 
     def test_bad_ciphertext_is_decryption_failed(
         self, backend: Backend, encryption_key: GeneratedKey
     ) -> None:
-        good = oaep_encrypt(encryption_key.public_key, os.urandom(32), OaepHash.SHA256)
-        flipped = bytes([good[0] ^ 1]) + good[1:]
-        for bad in (flipped, os.urandom(256), b"\x00" * 256, b"", good[:-1]):
-            with pytest.raises(DecryptionFailed):
-                backend.decrypt(encryption_key.ref, bad, OaepHash.SHA256)
+        for oaep_hash in backend.capabilities.oaep_hashes:
+            good = oaep_encrypt(encryption_key.public_key, os.urandom(32), oaep_hash)
+            flipped = bytes([good[0] ^ 1]) + good[1:]
+            for bad in (flipped, os.urandom(256), b"\x00" * 256, b"", good[:-1]):
+                with pytest.raises(DecryptionFailed):
+                    backend.decrypt(encryption_key.ref, bad, oaep_hash)
 
     def test_wrong_oaep_hash_is_decryption_failed(
         self, backend: Backend, encryption_key: GeneratedKey
@@ -145,16 +175,22 @@ class BackendContract:
     def test_signing_key_is_not_exportable(
         self, backend: Backend, signing_key: GeneratedKey
     ) -> None:
-        with pytest.raises(BackendError):
+        with pytest.raises(BackendError) as raised:
             backend.export_private_key_pem(signing_key.ref)
+        if backend.capabilities.exports_private_keys:
+            # A refusal for this key, not a missing capability.
+            assert not isinstance(raised.value, Unsupported)
+        else:
+            assert isinstance(raised.value, Unsupported)
 
     def test_exportable_transport_key_exports_when_capable(self, backend: Backend) -> None:
         if not backend.capabilities.exports_private_keys:
-            with pytest.raises(KeydError):
+            with pytest.raises(Unsupported):
                 backend.generate(Purpose.TRANSPORT, 2048, exportable=True)
             return
         key = backend.generate(Purpose.TRANSPORT, 2048, exportable=True)
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         private = load_pem_private_key(backend.export_private_key_pem(key.ref), None)
+        assert isinstance(private, rsa.RSAPrivateKey)
         assert private.public_key().public_numbers() == key.public_key.public_numbers()

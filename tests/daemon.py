@@ -1,18 +1,24 @@
 """Run the real daemon for tests: a config in a temp folder, `keyd init`,
 `keyd client add`, then `keyd serve` as a subprocess on ports chosen by the
-kernel; the test talks to it over real sockets."""
+kernel; the test talks to it over real sockets.
+
+The set-up commands run `keyd.cli.main` in the test's own process (the same
+code, without 1.8 s of imports per call); `serve`, and any command given an
+environment of its own, run as a real process."""
 
 from __future__ import annotations
 
 import ctypes
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,12 +75,76 @@ def write_config(folder: Path, tables: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+# The loggers keyd.cli.main and keyd.logs.setup_logging configure, besides the root.
+_CLI_LOGGERS = ("alembic", "apscheduler", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@contextmanager
+def cli_isolated() -> Iterator[None]:
+    """Put back what ``keyd.cli.main`` changes in its process, for an in-process call.
+
+    A process runs main once; a test process runs it many times, so the
+    redacting handler it adds (bound to that call's stderr), the log levels,
+    the umask and the environment are restored.  (main stops every thread it
+    starts: tests/test_cli.py checks that where no other thread runs; here a
+    test's own TCP proxy may still be closing the CLI's connections.)
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = {name: (lg.level, list(lg.handlers), lg.propagate)
+             for name in _CLI_LOGGERS for lg in [logging.getLogger(name)]}
+    umask = os.umask(0o077)
+    os.umask(umask)
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in [h for h in handlers if h not in root.handlers]:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name, (lg_level, lg_handlers, propagate) in named.items():
+            lg = logging.getLogger(name)
+            lg.setLevel(lg_level)
+            lg.handlers[:] = lg_handlers
+            lg.propagate = propagate
+        os.umask(umask)
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+
+
+_in_process = threading.Lock()  # stdout and stderr are the process's: one call at a time
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """``keyd.cli.main(argv)`` in this process: exit status, stdout, stderr."""
+    from keyd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _in_process, cli_isolated(), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
 def keyd(config: Path, *args: str, env: dict[str, str] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*KEYD, "--config", str(config), *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
-    )
+         check: bool = True, process: bool = False) -> subprocess.CompletedProcess[str]:
+    """`keyd --config CONFIG ARGS...`: in this process, or as a real one when
+    ``process`` is set or ``env`` is given (SoftHSM2 reads $SOFTHSM2_CONF once
+    per process, so a token of its own needs a process of its own)."""
+    argv = ["--config", str(config), *args]
+    if process or env:
+        result = subprocess.run(
+            [*KEYD, *argv],
+            capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+        )
+    else:
+        result = subprocess.CompletedProcess(["keyd", *argv], *run_main(argv))
     if check and result.returncode != 0:
         raise AssertionError(f"keyd {' '.join(args)} failed: {result.stderr}")
     return result

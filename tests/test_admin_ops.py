@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import keyd, running
 
 FAST = {"lifecycle.transport": {"enabled": False}}
 
 
+@pytest.mark.slow  # a real daemon
 def test_rotate_and_revoke_over_the_admin_api_need_the_admin_policy(tmp_path: Path) -> None:
     with running(tmp_path, FAST) as daemon:
         with daemon.client(daemon.service_token) as svc:

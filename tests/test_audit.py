@@ -199,6 +199,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a second Python process
 def test_a_second_process_appending_at_the_same_time_keeps_the_chain_whole(
     log: AuditLog, store: Store, store_url: str
 ) -> None:

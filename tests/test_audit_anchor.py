@@ -78,7 +78,7 @@ def test_a_malformed_head_is_refused(text_: str) -> None:
     with pytest.raises(ValueError):
         parse_head(text_)
 
-
+@pytest.mark.slow  # a real daemon
 def test_audit_truncation_the_daemon_logs_a_checkpoint_and_verify_expect_uses_it(
     tmp_path: Path,
 ) -> None:

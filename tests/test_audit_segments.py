@@ -21,7 +21,7 @@ from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_daemon_vault import least_privilege_transit, vault_tables
 
-pytestmark = [pytest.mark.vault, pytest.mark.postgres]
+pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 
 WAIT = 30.0  # liveness bound for event waits, not a timing assertion
 

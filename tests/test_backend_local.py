@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from keyd.backends.base import Capabilities
 from keyd.backends.local import (
     LocalBackend,
     create_master_key_file,
@@ -55,6 +56,19 @@ class TestLocalBackendContract(BackendContract):
     @pytest.fixture
     def backend(self, keys_dir: Path, master_key: bytes) -> Iterator[LocalBackend]:
         backend = LocalBackend(keys_dir, master_key)
+        yield backend
+        backend.close()
+
+
+class TestNarrowedLocalBackendContract(BackendContract):
+    """The contract follows Capabilities: the same backend declaring less (no
+    RSA-OAEP, no export) must refuse exactly that with Unsupported, and pass."""
+
+    @pytest.fixture
+    def backend(self, keys_dir: Path, master_key: bytes) -> Iterator[LocalBackend]:
+        backend = LocalBackend(keys_dir, master_key)
+        backend.capabilities = Capabilities(
+            oaep_hashes=frozenset({OaepHash.SHA256}), exports_private_keys=False, name="narrow")
         yield backend
         backend.close()
 

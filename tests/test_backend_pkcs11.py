@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,18 @@ from keyd.backends.pkcs11 import NOT_EXPORTABLE, Pkcs11Backend, from_settings, l
 from keyd.backends.pkcs11.oaep import oaep_decode
 from keyd.backends.pkcs11.token import Pooled
 from keyd.config import Settings, from_dict
-from keyd.errors import BackendError, BackendUnavailable, ConfigError, DecryptionFailed
+from keyd.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DecryptionFailed,
+    Unsupported,
+)
 from keyd.model import OaepHash, Purpose, SignScheme
 from tests.backend_contract import BackendContract, oaep_encrypt, strict_pss_verify
 from tests.fixtures.softhsm import SoftHsm
 
-pytestmark = pytest.mark.pkcs11
+pytestmark = [pytest.mark.pkcs11, pytest.mark.slow]  # SoftHSM2 key generation per test
 
 
 def settings(tmp_path: Path, hsm: SoftHsm, **pkcs11_table: Any) -> Settings:
@@ -161,7 +168,7 @@ def test_list_refs_holds_our_keys_of_every_purpose(backend: Pkcs11Backend) -> No
 
 def test_hsm_keys_are_never_exportable(backend: Pkcs11Backend) -> None:
     assert backend.capabilities.exports_private_keys is False
-    with pytest.raises(BackendError) as raised:
+    with pytest.raises(Unsupported) as raised:
         backend.generate(Purpose.TRANSPORT, 2048, exportable=True)
     assert raised.value.detail == NOT_EXPORTABLE
 
@@ -295,9 +302,8 @@ def test_signs_survive_sessions_killed_from_a_second_handle_under_load(
                     # Every thread signs twice after a kill before the next one,
                     # so the one allowed retry always has a live session to use.
                     seen = list(done)
-                    assert gate.wait_for(
-                        lambda seen=seen: each_thread_signed_twice_since(seen), timeout=30
-                    )
+                    assert gate.wait_for(partial(each_thread_signed_twice_since, seen),
+                                         timeout=30)
                     assert errors == []
                     if kill == kills:
                         break

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs the session, optionally signals it once the marker file appears, then

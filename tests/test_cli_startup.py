@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import keyd, write_config
+
+pytestmark = pytest.mark.slow  # a fresh interpreter per test: that is the point
 
 # Run the CLI in a fresh interpreter, then list the top-level packages it loaded.
 PROBE = """

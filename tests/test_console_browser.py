@@ -24,6 +24,8 @@ from tests.browser import check_page, chromium, context
 from tests.certs import ca_sign, self_signed
 from tests.daemon import Daemon, StaticServer, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 HOSTILE_REASON = '<script>alert("reason")</script><b>leaked</b> & more'
 SIGN_IN = re.compile(r".*/console/sign-in$")
 HOSTILE_NAME = '<img src=x onerror=alert("name")>'

@@ -22,6 +22,8 @@ from keyd.console.web import CSP
 from tests.certs import ca_sign
 from tests.daemon import REPO, Daemon, keyd, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 PAGES = ["/console/", "/console/timeline", "/console/timeline?days=30",
          "/console/counterparties", "/console/audit", "/console/clients",
          "/console/keys/signing/rotate"]

@@ -10,6 +10,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from keyd.clock import SettableClock
 from keyd.console import timeline
 from keyd.console.render import duration, environment, relative
@@ -114,6 +116,7 @@ session.flash("from the other process")
 """
 
 
+@pytest.mark.slow  # a second Python process
 def test_sessions_and_flashes_are_shared_by_every_process_on_the_file(tmp_path: Path) -> None:
     """[api] workers: the next request may reach another process than the one that
     signed the browser in."""

@@ -26,6 +26,8 @@ from keyd.service import KeyService
 from keyd.tokens import TokenService
 from tests.daemon import KEYD, keyd, start, write_config
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 # How each failpoint is reached: (overlap, the command that runs into it).
 # "serve" = the daemon's start-up reconcile after `keyd rotate` left a pending key.
 SCENARIOS: dict[str, tuple[str, str]] = {

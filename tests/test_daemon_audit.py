@@ -9,10 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from joserfc import jwe
 from joserfc.jwk import KeySet
 
 from tests.daemon import keyd, running
+
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
 
 
 @contextmanager

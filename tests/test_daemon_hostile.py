@@ -22,6 +22,8 @@ from joserfc.jwk import KeySet
 from tests.daemon import Daemon, StaticServer, running
 from tests.fixtures.jose import b64u
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 REFUSALS = {"invalid_token", "invalid_signature", "decryption_failed", "bad_request",
             "payload_too_large", "not_found", "forbidden"}
 ISSUER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -21,6 +21,8 @@ from joserfc.jwk import KeySet
 from tests.daemon import Daemon, running
 from tests.fixtures.jose import b64u
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 WAITERS = 40  # more than the API's 32 worker threads
 

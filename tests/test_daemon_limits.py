@@ -12,6 +12,8 @@ import pytest
 
 from tests.daemon import Daemon, keyd, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 LIMITS = {"rate_limit": 1, "rate_burst": 5, "header_timeout": "1s", "body_timeout": "1s"}
 
 

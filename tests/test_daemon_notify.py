@@ -8,8 +8,11 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.daemon import keyd, start, write_config
+
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
 
 
 def test_serve_sends_ready_once_serving_then_heartbeats_then_stopping(tmp_path: Path) -> None:

@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import Daemon, keyd, running
+
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
 
 
 def rotations(daemon: Daemon) -> dict[str, float]:

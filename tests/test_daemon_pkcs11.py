@@ -1,5 +1,9 @@
 """The real daemon with its keys on a SoftHSM2 token, over real sockets.
 
+The HTTP contract every backend passes (tests/daemon_contract.py) runs here
+on the token; this module adds what is the HSM's own: the keys' attributes on
+the token, the OAEP mode chosen at start-up, sessions killed mid-load.
+
 Most tests run ``keyd init`` and ``keyd serve`` as subprocesses on a token of
 their own (initialised here in a temporary folder, reached through the
 daemon's ``SOFTHSM2_CONF``): SoftHSM2's file store is not safe for two
@@ -17,7 +21,6 @@ import asyncio
 import ctypes
 import json
 import logging
-import re
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +34,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from joserfc import jwe, jws, jwt
+from joserfc import jws
 from joserfc.jwk import KeySet
 
 from keyd.api.local import create_local_app
@@ -43,11 +46,11 @@ from keyd.metrics import Metrics
 from keyd.model import Purpose
 from keyd.service import KeyService
 from tests.daemon import REPO, Daemon, keyd, start, write_config
-from tests.fixtures.jose import PRIVATE_JWK_MEMBERS as PRIVATE_MEMBERS
+from tests.daemon_contract import ALL_OAEP_ALGS, DaemonContract
 from tests.fixtures.jose import b64u, b64u_decode
-from tests.fixtures.softhsm import SoftHsm, initialise_token
+from tests.fixtures.softhsm import SoftHsm, hsm_tables, initialise_token
 
-pytestmark = pytest.mark.pkcs11
+pytestmark = [pytest.mark.pkcs11, pytest.mark.slow]
 
 KEY_PURPOSES = {p.value for p in Purpose}
 
@@ -87,21 +90,6 @@ def read_token(hsm: SoftHsm) -> dict[str, dict[str, Any]]:
     return keys
 
 
-def hsm_tables(folder: Path, hsm: SoftHsm, *, pin: str | None = None,
-               **pkcs11: Any) -> dict[str, dict[str, Any]]:
-    """config.toml tables for a daemon on ``hsm``; the PIN in a 0600 file, never in the config."""
-    pin_file = folder / "pkcs11.pin"
-    pin_file.touch(mode=0o600)
-    pin_file.write_text((pin or hsm.pin) + "\n", encoding="utf-8")
-    return {
-        "backend": {"kind": "pkcs11"},
-        "backend.pkcs11": {"module": str(hsm.module), "token_label": hsm.label,
-                           "pin_file": pin_file.name, "sessions": 4, **pkcs11},
-        # An HSM key cannot be handed to a TLS terminator; say so in config.
-        "lifecycle.transport": {"exportable": False},
-    }
-
-
 @dataclass
 class HsmDaemon:
     daemon: Daemon
@@ -137,15 +125,16 @@ def hsm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HsmDaemon]:
         daemon.stop()
 
 
-@pytest.fixture
-def svc(hsm_daemon: HsmDaemon) -> Iterator[httpx.Client]:
-    with hsm_daemon.daemon.client(hsm_daemon.daemon.service_token) as client:
-        yield client
+@pytest.fixture(scope="module")
+def daemon(hsm_daemon: HsmDaemon) -> Daemon:
+    return hsm_daemon.daemon
 
 
-def fetched_jwks(daemon: Daemon) -> KeySet:
-    with daemon.public() as public:
-        return KeySet.import_key_set(public.get("/jwks").json())
+class TestPkcs11Daemon(DaemonContract):
+    """The contract on the token (RSA-OAEP-256 through CKM_RSA_X_509 on SoftHSM2)."""
+
+    backend = "pkcs11"
+    decrypts = frozenset(ALL_OAEP_ALGS)
 
 
 # ---------------------------------------------------------------------- keys on the token
@@ -186,90 +175,17 @@ def test_transport_key_stays_on_the_token_and_no_private_key_is_written_anywhere
         assert b"master" not in path.name.encode(), path  # no local-backend key file either
 
 
-def test_jwks_publishes_the_tokens_sig_and_enc_keys_only(hsm_daemon: HsmDaemon) -> None:
+def test_jwks_publishes_the_moduli_of_the_key_pairs_on_the_token(
+    hsm_daemon: HsmDaemon,
+) -> None:
     with hsm_daemon.daemon.public() as public:
         keys = public.get("/jwks").json()["keys"]
-    assert sorted((k["use"], k["alg"]) for k in keys) == [("enc", "RSA-OAEP-256"), ("sig", "PS256")]
+    assert {k["use"] for k in keys} == {"sig", "enc"}
     for key in keys:
-        assert not PRIVATE_MEMBERS & set(key)
         purpose = "signing" if key["use"] == "sig" else "encryption"
         key_id = hsm_daemon.refs[purpose].removeprefix("pkcs11:")
         # The published modulus is the one of the key pair on the token.
         assert b64u_decode(key["n"]).hex() == hsm_daemon.on_token[key_id]["modulus"]
-
-
-# ---------------------------------------------------------------------- signing
-
-
-def test_client_assertion_signed_on_the_token_verifies_with_joserfc(
-    hsm_daemon: HsmDaemon, svc: httpx.Client
-) -> None:
-    audience = "https://auth.sandbox.example/oauth2/token"
-    answer = svc.post("/v1/client-assertion", json={"audience": audience})
-    assert answer.status_code == 200, answer.text
-    token = jwt.decode(answer.json()["client_assertion"], fetched_jwks(hsm_daemon.daemon),
-                       algorithms=["PS256"])
-    assert token.header == {"alg": "PS256", "kid": answer.json()["kid"]}
-    assert token.claims["iss"] == token.claims["sub"] == "test-client-0001"
-    assert token.claims["aud"] == audience
-    assert token.claims["exp"] == token.claims["iat"] + 600
-
-
-def test_attached_jws_signed_on_the_token_verifies_with_joserfc(
-    hsm_daemon: HsmDaemon, svc: httpx.Client
-) -> None:
-    answer = svc.post("/v1/sign/jws", json={"payload": {"consent": "abc"}})
-    assert answer.status_code == 200, answer.text
-    result = jws.deserialize_compact(answer.json()["jws"], fetched_jwks(hsm_daemon.daemon),
-                                     algorithms=["PS256"])
-    assert json.loads(result.payload) == {"consent": "abc"}
-    assert result.protected == {"alg": "PS256", "kid": answer.json()["kid"]}
-
-
-def test_eight_clients_signing_at_once_all_get_valid_signatures(hsm_daemon: HsmDaemon) -> None:
-    threads_n, per_thread = 8, 6
-    barrier = threading.Barrier(threads_n)
-    answers: list[tuple[bytes, httpx.Response]] = []
-    lock = threading.Lock()
-
-    def client(i: int) -> None:
-        with hsm_daemon.daemon.client(hsm_daemon.daemon.service_token) as http:
-            barrier.wait(timeout=30)
-            for n in range(per_thread):
-                payload = f"client {i} message {n}".encode()
-                answer = http.post("/v1/sign/jws", json={"payload_b64": b64u(payload)})
-                with lock:
-                    answers.append((payload, answer))
-
-    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads_n)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert len(answers) == threads_n * per_thread
-    jwks = fetched_jwks(hsm_daemon.daemon)
-    for payload, answer in answers:
-        assert answer.status_code == 200, answer.text
-        verified = jws.deserialize_compact(answer.json()["jws"], jwks, algorithms=["PS256"])
-        assert verified.payload == payload
-
-
-# ---------------------------------------------------------------------- decryption
-
-
-@pytest.mark.parametrize("alg", ["RSA-OAEP-256", "RSA-OAEP"])
-@pytest.mark.parametrize("enc", ["A256GCM", "A128CBC-HS256"])
-def test_jwe_made_by_joserfc_decrypts_on_the_token(
-    hsm_daemon: HsmDaemon, svc: httpx.Client, alg: str, enc: str
-) -> None:
-    enc_key = next(k for k in fetched_jwks(hsm_daemon.daemon).keys if k.get("use") == "enc")
-    plaintext = json.dumps({"balance": "1.00", "alg": alg, "enc": enc}).encode()
-    token = jwe.encrypt_compact({"alg": alg, "enc": enc, "kid": enc_key.kid}, plaintext,
-                                enc_key, algorithms=[alg, enc])
-    answer = svc.post("/v1/decrypt/jwe", json={"jwe": token})
-    assert answer.status_code == 200, answer.text
-    assert b64u_decode(answer.json()["plaintext_b64"]) == plaintext
-    assert answer.json()["kid"] == enc_key.kid
 
 
 def test_daemon_log_states_the_oaep_sha256_mode_chosen_at_start_up(
@@ -283,46 +199,6 @@ def test_daemon_log_states_the_oaep_sha256_mode_chosen_at_start_up(
     assert record["level"] == "WARNING"
     assert "ArgumentsBad" in record["msg"] and 'oaep_sha256 = "raw"' in record["msg"]
     assert hsm_daemon.hsm.pin not in "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- start-up errors
-
-
-@pytest.fixture(scope="module")
-def spare_hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
-    """A token of its own for the failing starts (a wrong PIN writes the token's files)."""
-    return initialise_token(tmp_path_factory.mktemp("spare-hsm") / "softhsm", "keyd-spare")
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"pin": "00000000"},
-         r"pkcs11: the PIN from file .*pkcs11\.pin is wrong for token 'keyd-spare' "
-         r"\(PinIncorrect\)"),
-        ({"module": "/opt/no-such-hsm/libp11.so"},
-         r"pkcs11: library /opt/no-such-hsm/libp11\.so not found"),
-        ({"token_label": "no-such-token"},
-         r"pkcs11: no token with label 'no-such-token' in .*tokens present: 'keyd-spare'"),
-        ({"oaep_sha256": "token"},
-         r'pkcs11: \[backend.pkcs11\] oaep_sha256 = "token", but token .* cannot decrypt'),
-    ],
-    ids=["wrong-pin", "missing-module", "missing-token", "oaep-token-mode-on-softhsm"],
-)
-def test_init_that_cannot_use_the_hsm_fails_with_one_clear_line(
-    spare_hsm: SoftHsm, tmp_path: Path, change: dict[str, str], message: str
-) -> None:
-    pin = change.pop("pin", None)
-    config = write_config(tmp_path, hsm_tables(tmp_path, spare_hsm, pin=pin, **change))
-    result = keyd(config, "init", env={"SOFTHSM2_CONF": str(spare_hsm.conf)}, check=False)
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if " WARNING " not in line]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert errors[0].startswith("keyd: error: ")
-    assert re.fullmatch("keyd: error: " + message + ".*", errors[0]), errors[0]
-    if pin is not None:
-        assert pin not in result.stderr and spare_hsm.pin not in result.stderr
 
 
 # ---------------------------------------------------------------------- sessions killed mid-load

@@ -11,6 +11,8 @@ from joserfc.jwk import KeySet
 
 from tests.daemon import keyd, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 
 @pytest.mark.postgres
 def test_daemon_on_postgresql_initialises_signs_and_audits(

@@ -26,6 +26,8 @@ from tests.daemon import REPO, Daemon, StaticServer, keyd, running
 from tests.fixtures.jose import b64u
 from tests.fixtures.jose import b64u_decode as unb64u
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 CLIENT_ID = "test-client-0001"  # tests/daemon.py's [keyd] client_id
 TOKEN_ENDPOINT = "https://as.paynet.example/token"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

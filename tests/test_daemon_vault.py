@@ -1,14 +1,14 @@
 """The real daemon on a real OpenBao transit engine, over real sockets.
 
-Everything keyd makes is checked with joserfc using only the JWKS fetched
-from the public port; the keys are checked through hvac to be non-exportable.
-Faults are real: a loopback TCP proxy between the daemon and OpenBao refuses
-or stalls the connection, a token is revoked, a private server is sealed.
+The HTTP contract every backend passes (tests/daemon_contract.py) runs here
+on transit; this module adds what is Vault's own: the keys are checked through
+hvac to be non-exportable, and faults are real: a loopback TCP proxy between
+the daemon and OpenBao refuses or stalls the connection, a token is revoked,
+a private server is sealed.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,43 +20,19 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from joserfc import jwe, jws, jwt
-from joserfc.jwk import KeySet
+from joserfc import jwe, jws
 
-from tests.backend_contract import strict_pss_verify
 from tests.daemon import Daemon, keyd, running, start, write_config
-from tests.fixtures.jose import b64u_decode
+from tests.daemon_contract import DaemonContract, fetched_jwks, published, rsa_public
 from tests.fixtures.openbao import BaoServer
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.vault
+pytestmark = [pytest.mark.vault, pytest.mark.slow]
 
 POLICY = Path(__file__).parent.parent / "policies" / "vault" / "keyd-transit.hcl"
-AUDIENCE = "https://auth.sandbox.paynet.example/oauth2/token"
 # Correctness bound, not a benchmark: with a 2 s Vault timeout an outage must
 # not wait out a 5 s stall (the target is ~2 s; 4 s leaves room for a busy CI).
 OUTAGE_BOUND = 4.0
-
-
-def fetched_jwks(daemon: Daemon) -> KeySet:
-    """The JWKS exactly as PayNet would fetch it: public port, no credentials."""
-    with daemon.public() as public:
-        answer = public.get("/jwks")
-    assert answer.status_code == 200, answer.text
-    return KeySet.import_key_set(answer.json())
-
-
-def published(daemon: Daemon, use: str) -> Any:
-    return next(k for k in fetched_jwks(daemon).keys if k.get("use") == use)
-
-
-def rsa_public(jwk: Any) -> rsa.RSAPublicKey:
-    """The RSA public key of a fetched JWK, for checks joserfc does not make."""
-    members: dict[str, str] = jwk.as_dict(private=False)
-    return rsa.RSAPublicNumbers(
-        int.from_bytes(b64u_decode(members["e"]), "big"),
-        int.from_bytes(b64u_decode(members["n"]), "big"),
-    ).public_key()
 
 
 # ---------------------------------------------------------------------- set-up
@@ -164,6 +140,13 @@ def svc(daemon: Daemon) -> Iterator[httpx.Client]:
         yield client
 
 
+class TestVaultDaemon(DaemonContract):
+    """The contract on transit, reached through the switchable proxy."""
+
+    backend = "vault"
+    decrypts = frozenset({"RSA-OAEP-256"})  # transit has no OAEP hash parameter
+
+
 # ---------------------------------------------------------------------- keys in transit
 
 
@@ -188,77 +171,6 @@ def test_init_creates_non_exportable_transit_keys_that_the_jwks_publishes(
         assert isinstance(public, rsa.RSAPublicKey)
         assert rsa_public(jwks[use]).public_numbers() == public.public_numbers()
     assert "tls" not in jwks  # the transport key is not published by default
-
-
-def test_admin_key_list_names_the_vault_backend(daemon: Daemon) -> None:
-    with daemon.client(daemon.admin_token) as admin:
-        listed = admin.get("/v1/keys").json()["keys"]
-    assert {k["backend"] for k in listed} == {"vault"}
-    assert {k["purpose"] for k in listed if k["state"] == "active"} == {
-        "signing", "encryption", "transport"}
-
-
-# ---------------------------------------------------------------------- signing
-
-
-def test_client_assertion_from_transit_verifies_with_only_the_fetched_jwks(
-    daemon: Daemon, svc: httpx.Client
-) -> None:
-    answer = svc.post("/v1/client-assertion", json={"audience": AUDIENCE})
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    token = jwt.decode(body["client_assertion"], fetched_jwks(daemon), algorithms=["PS256"])
-    assert token.header["alg"] == "PS256"
-    assert token.header["kid"] == body["kid"] == published(daemon, "sig").kid
-    claims = token.claims
-    assert claims["iss"] == claims["sub"] == "test-client-0001"
-    assert claims["aud"] == AUDIENCE
-    assert claims["exp"] == claims["iat"] + 600
-
-
-def test_jws_from_transit_has_the_32_byte_salt_ps256_requires(
-    daemon: Daemon, svc: httpx.Client
-) -> None:
-    answer = svc.post("/v1/sign/jws", json={"payload": {"scope": "accounts"}})
-    assert answer.status_code == 200, answer.text
-    compact = answer.json()["jws"]
-    verified = jws.deserialize_compact(compact, fetched_jwks(daemon), algorithms=["PS256"])
-    assert json.loads(verified.payload) == {"scope": "accounts"}
-    # joserfc checks a hash-length salt today; say it here too, independent of its version.
-    header, payload, signature = compact.split(".")
-    strict_pss_verify(rsa_public(published(daemon, "sig")), b64u_decode(signature),
-                      f"{header}.{payload}".encode())
-
-
-# ---------------------------------------------------------------------- decryption
-
-
-def test_rsa_oaep_256_jwe_made_by_joserfc_decrypts_through_transit(
-    daemon: Daemon, svc: httpx.Client
-) -> None:
-    enc_key = published(daemon, "enc")
-    plaintext = json.dumps({"Data": {"Balance": "12.34"}}).encode()
-    token = jwe.encrypt_compact({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": enc_key.kid},
-                                plaintext, enc_key, algorithms=["RSA-OAEP-256", "A256GCM"])
-    answer = svc.post("/v1/decrypt/jwe", json={"jwe": token})
-    assert answer.status_code == 200, answer.text
-    assert b64u_decode(answer.json()["plaintext_b64"]) == plaintext
-    assert answer.json()["payload"] == {"Data": {"Balance": "12.34"}}
-    assert answer.json()["kid"] == enc_key.kid
-
-
-def test_rsa_oaep_sha1_jwe_is_refused_with_a_clear_json_4xx(
-    daemon: Daemon, svc: httpx.Client
-) -> None:
-    """Transit decrypts OAEP with SHA-256 only: an RSA-OAEP JWE is the sender's error."""
-    enc_key = published(daemon, "enc")
-    token = jwe.encrypt_compact({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": enc_key.kid},
-                                b"{}", enc_key, algorithms=["RSA-OAEP", "A256GCM"])
-    answer = svc.post("/v1/decrypt/jwe", json={"jwe": token})
-    assert answer.status_code == 422, answer.text
-    assert answer.json()["error"] == "invalid_token"
-    assert "RSA-OAEP-256" in answer.json()["detail"]
-    assert daemon.healthy()
 
 
 # ---------------------------------------------------------------------- faults

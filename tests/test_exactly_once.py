@@ -145,7 +145,7 @@ def test_concurrent_rotations_on_threads_make_exactly_one_pending_key(
     no_orphans(service)
     assert service.audit.verify() is None
 
-
+@pytest.mark.slow  # keyd processes
 def test_concurrent_rotations_in_separate_processes_make_exactly_one_pending_key(
         tmp_path: Path, store_url: str) -> None:
     cfg = write_config(tmp_path, {"lifecycle.transport": {"enabled": False},
@@ -165,7 +165,7 @@ def test_concurrent_rotations_in_separate_processes_make_exactly_one_pending_key
     assert [k["state"] for k in keys if k["purpose"] == "signing"].count("pending") == 1
     assert keyd(cfg, "audit", "verify").stdout.startswith("audit chain intact")
 
-
+@pytest.mark.slow  # a real daemon
 def test_a_second_rotation_names_the_pending_kid_and_when_it_activates(tmp_path: Path) -> None:
     tables = {"lifecycle.transport": {"enabled": False}, "lifecycle.signing": {"prepublish": "2d"}}
     with running(tmp_path, tables) as daemon, daemon.client(daemon.admin_token) as admin:

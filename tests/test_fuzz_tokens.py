@@ -103,6 +103,7 @@ def test_random_compact_strings_never_verify_or_crash(
     only_keyd_refusals(lambda: tokens.unwrap(caller, token, "fuzz"))
 
 
+@pytest.mark.slow  # the longest Hypothesis run (about 20 s)
 @FUZZ
 @given(fields=header, payload=st.binary(max_size=64))
 def test_signed_tokens_with_fuzzed_headers_are_refused_unless_exactly_on_profile(

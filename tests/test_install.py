@@ -27,6 +27,8 @@ import pytest
 
 from tests.test_systemd_unit import parse_unit, systemd_analyze
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("keyd", "migrations", "policies", "setup.py", "pyproject.toml", "README.md")
 

@@ -9,12 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyd.jose import public_jwk
 from tests.certs import self_signed
 from tests.daemon import StaticServer, keyd, running
 from tests.fixtures.jose import b64u
+
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
 
 GOOD = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -61,7 +61,7 @@ def test_one_holder_at_a_time_and_a_clean_stop_hands_over_with_a_higher_epoch(
         a.stop()
         b.stop()
 
-
+@pytest.mark.slow  # a process killed mid-lease
 def test_a_killed_leader_process_is_replaced_within_the_lease(
         tmp_path: Path, store_url: str, stores: tuple[Store, Store]) -> None:
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

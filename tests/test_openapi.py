@@ -13,6 +13,8 @@ from schemathesis import checks
 
 from tests.daemon import Daemon, running
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,

@@ -12,7 +12,7 @@ import pytest
 from tests.daemon import keyd, start, write_config
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_the_jwks_stays_up_while_the_store_is_down(tmp_path: Path, postgres_url: str) -> None:

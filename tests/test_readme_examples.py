@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import running
+
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

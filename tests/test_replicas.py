@@ -22,7 +22,7 @@ from tests.daemon import KEYD, Daemon, keyd, start, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.test_daemon_vault import least_privilege_transit, vault_tables
 
-pytestmark = [pytest.mark.vault, pytest.mark.postgres]
+pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 
 LEASE = 2.0
 WAIT = 15 * LEASE  # liveness bound for event waits, not a timing assertion

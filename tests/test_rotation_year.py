@@ -13,6 +13,7 @@ import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from joserfc import jwe, jwt
 from joserfc.jwk import KeySet
 
@@ -21,6 +22,8 @@ from keyd.clock import SettableClock
 from keyd.model import Purpose
 from keyd.tokens import TokenService
 from tests.test_jobs import T0, Recorder, jobs_for, open_service
+
+pytestmark = pytest.mark.slow  # a simulated year: minutes of signing and reconciling
 
 STEP = timedelta(minutes=15)
 NEAR = timedelta(days=1)

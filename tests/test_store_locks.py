@@ -3,6 +3,7 @@ version, so old and new processes on one database exclude each other."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import psycopg
@@ -10,6 +11,7 @@ import pytest
 
 from keyd.store import locks, queries
 from keyd.store.db import Store
+from tests.fixtures.postgres import PG_ADMIN_DSN, PG_URL
 
 
 def _key(tag: bytes) -> int:
@@ -69,19 +71,29 @@ def test_a_segment_lock_excludes_that_segment_only(
 
 
 @pytest.mark.postgres
-def test_the_leader_lock_is_held_for_the_session_and_its_holder_is_found(
+def test_the_leader_lock_holder_is_found_in_this_database_only(
         pg: tuple[Store, psycopg.Connection[tuple[object, ...]]]) -> None:
+    """Another database on the same server (another deployment, or a parallel
+    test) may hold the same key: only this database's holder is named."""
     store, other = pg
-    conn = store.connect()
+    name = "keyd_test_neighbour_" + secrets.token_hex(4)
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    neighbour = Store(PG_URL.format(db=name))
+    conn, elsewhere = store.connect(), neighbour.connect()
     try:
+        with neighbour.transaction(elsewhere, "test"):
+            assert locks.try_lock_session(elsewhere, locks.LEADER_LOCK)  # another database
         with store.transaction(conn, "test"):
+            assert locks.session_lock_holder(conn, locks.LEADER_LOCK) is None
             assert locks.try_lock_session(conn, locks.LEADER_LOCK)
-        backend = other.execute("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                                " AND backend_type = 'client backend' AND datname = "
-                                "current_database()").fetchall()
+            own_pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         with store.transaction(conn, "test"):
-            holder = locks.session_lock_holder(conn, locks.LEADER_LOCK)
-        assert holder is not None and (holder,) in backend
+            assert locks.session_lock_holder(conn, locks.LEADER_LOCK) == own_pid
         assert not _free(other, "SELECT pg_try_advisory_xact_lock(%s)", locks.LEADER_LOCK)
     finally:
         store.release(conn, broken=True)
+        neighbour.release(elsewhere, broken=True)
+        neighbour.close()
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -22,6 +22,8 @@ from tests.daemon import Daemon, running
 from tests.fixtures.jose import b64u_decode
 from tests.fixtures.softhsm import SOFTHSM_MODULE, initialise_token
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "keyd.service"
 # Measured with systemd 252 (Debian 12): 1.1.  What is left is network access
 # (keyd serves and fetches over IP), no IPAddressDeny= (issuers' JWKS hosts

@@ -31,7 +31,7 @@ from tests.fixtures.openbao import BaoServer
 from tests.test_alerts import Webhook
 from tests.test_daemon_vault import Transit, least_privilege_transit, vault_tables
 
-pytestmark = [pytest.mark.vault, pytest.mark.postgres]
+pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 
 ROTATIONS = 100
 WAIT = 30.0  # liveness bound for polling, not a timing assertion

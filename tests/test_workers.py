@@ -26,6 +26,8 @@ from keyd.api.limits import RateLimiter, SharedBuckets
 from keyd.errors import ConfigError, RateLimited
 from tests.daemon import Daemon, keyd, running, start, write_config
 
+pytestmark = pytest.mark.slow  # a real keyd process per test or module
+
 WORKERS = 2
 PATIENCE = 30.0  # seconds a test waits for something that must happen (never asserted on)
 

@@ -15,7 +15,9 @@ Contract (tests/backend_contract.py checks every implementation against it):
   ref is not an error (it makes crash recovery idempotent);
 - every failure is a :class:`keyd.errors.KeydError`: ``BackendUnavailable``
   for outages (the API answers 503 + Retry-After), ``KeyNotFound`` for an
-  unknown ref, ``BackendError`` otherwise.  No library exception escapes.
+  unknown ref, ``Unsupported`` (422) for an operation or OAEP hash that
+  ``capabilities`` leave out, decided before any key or ciphertext is read,
+  ``BackendError`` otherwise.  No library exception escapes.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from keyd.errors import (
     ConfigError,
     DecryptionFailed,
     KeyNotFound,
+    Unsupported,
 )
 from keyd.jose.compact import b64u_decode, b64u_encode
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
@@ -155,6 +156,8 @@ class LocalBackend:
     def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
         if size not in ALLOWED_KEY_SIZES:
             raise BackendError(f"local: key size {size} is not one of {ALLOWED_KEY_SIZES}")
+        if exportable and not self.capabilities.exports_private_keys:
+            raise Unsupported("local: this backend is declared not to export keys")
         if exportable and purpose is not Purpose.TRANSPORT:
             raise BackendError(f"local: a {purpose.value} key cannot be exportable")
         private = rsa.generate_private_key(public_exponent=65537, key_size=size)
@@ -175,11 +178,13 @@ class LocalBackend:
             return private.sign(data, pss, hashes.SHA256())
         if scheme is SignScheme.PKCS1V15_SHA256:
             return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        raise BackendError(f"local: signature scheme {scheme!r} is not supported")
+        raise Unsupported(f"local: signature scheme {scheme.value!r} is not supported")
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
+        h = _OAEP_HASHES.get(oaep_hash)
+        if h is None or oaep_hash not in self.capabilities.oaep_hashes:
+            raise Unsupported(f"local: cannot decrypt {oaep_hash.jwe_alg}")
         private = self._load(ref).private
-        h = _OAEP_HASHES[oaep_hash]
         try:
             return private.decrypt(
                 ciphertext, padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None)
@@ -189,6 +194,8 @@ class LocalBackend:
             raise DecryptionFailed() from None
 
     def export_private_key_pem(self, ref: str) -> bytes:
+        if not self.capabilities.exports_private_keys:
+            raise Unsupported("local: this backend is declared not to export keys")
         key = self._load(ref)
         if not key.exportable:
             raise BackendError(f"local: key {ref} is not exportable")

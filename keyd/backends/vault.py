@@ -44,23 +44,12 @@ from keyd.errors import (
     DecryptionFailed,
     KeydError,
     KeyNotFound,
+    Unsupported,
 )
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
 T = TypeVar("T")
 
-
-class UnsupportedOaepHash(BackendError):
-    """An RSA-OAEP (SHA-1) JWE sent to a vault deployment.
-
-    The sender chose a key-management algorithm transit cannot undo; keyd is
-    not failing, so this is a 4xx refusal of the token (like any other
-    off-profile JWE), not a 500.  It depends on the header alone, never on the
-    ciphertext, so it is no decryption oracle.
-    """
-
-    code = "invalid_token"
-    status = 422
 
 # Transit's own name rule (framework.GenericNameRegex).  Checking it here means
 # a hostile ref ("../../sys/seal") is never spliced into a request path.
@@ -76,6 +65,37 @@ CAPABILITIES = Capabilities(
 )
 # An AppRole token closer than this to its end is replaced by a fresh login.
 _MIN_TTL_AFTER_RENEW = 120
+
+
+_CREDENTIAL = re.compile(rb"^[\x21-\x7e]+$")  # printable ASCII: it travels in an HTTP header
+
+
+def _credential(secret: Secret, what: str) -> str:
+    """The secret as the str hvac sends; a ConfigError naming where it came from
+    (never its value) when it could not be a Vault credential."""
+    value = secret.reveal()
+    if not _CREDENTIAL.match(value):
+        raise ConfigError(
+            f"[backend.vault] the {what} from {secret.source} is not a Vault {what}: "
+            "it must be printable ASCII without spaces"
+        )
+    return value.decode("ascii")
+
+
+def _shape(value: Any) -> str:
+    """What Vault sent where keyd expected something else: an object's member
+    names, a scalar's value, only the type of a string or list (which may be a
+    token or a private key)."""
+    if isinstance(value, dict):
+        members = ", ".join(repr(str(k)[:40]) for k in list(value)[:8])
+        return f"an object with {members}" if members else "an empty object"
+    if isinstance(value, requests.Response):
+        kind = value.headers.get("Content-Type", "no Content-Type")
+        return f"a non-JSON body (HTTP {value.status_code}, {kind[:60]})"
+    if value is None or isinstance(value, bool | int | float):
+        return f"{type(value).__name__} {value!r:.40}"
+    return f"a {type(value).__name__} of length {len(value)}" if isinstance(
+        value, str | list) else type(value).__name__
 
 
 class VaultBackend:
@@ -111,7 +131,7 @@ class VaultBackend:
         self._login_lock = threading.Lock()
         self._public: dict[str, tuple[int, rsa.RSAPublicKey]] = {}
         if settings.auth == "token":
-            self._client.token = self._read_token().reveal().decode()
+            self._client.token = _credential(self._read_token(), "token")
 
     # ------------------------------------------------------------------ auth
 
@@ -139,7 +159,7 @@ class VaultBackend:
             if self._client.token and self._client.token != stale:
                 return
             # Read the secret id again each time: an operator may have rotated it.
-            secret_id = self._read_secret_id().reveal().decode()
+            secret_id = _credential(self._read_secret_id(), "AppRole secret id")
             try:
                 answer = self._client.auth.approle.login(
                     role_id=self._settings.role_id,
@@ -151,14 +171,14 @@ class VaultBackend:
                 raise self._outage("AppRole login", e) from e
             except requests.RequestException as e:
                 raise self._unreachable(e) from e
-            self._client.token = answer["auth"]["client_token"]
+            self._client.token = self._field(answer, "AppRole login", "auth.client_token", str)
 
     def renew(self) -> None:
         """Renew our token (the scheduler calls this); AppRole logs in again on failure."""
         if self._settings.auth == "token":
             try:
                 info = self._call("token lookup", lambda c: c.auth.token.lookup_self())
-                if info["data"].get("renewable"):
+                if self._field(info, "token lookup", "data", dict).get("renewable"):
                     self._call("token renewal", lambda c: c.auth.token.renew_self())
             except hvac.exceptions.VaultError as e:
                 raise self._outage("token renewal", e) from e
@@ -168,7 +188,8 @@ class VaultBackend:
             answer = self._client.auth.token.renew_self()
             if int(answer["auth"]["lease_duration"]) >= _MIN_TTL_AFTER_RENEW:
                 return
-        except (hvac.exceptions.VaultError, requests.RequestException, KeyError, TypeError):
+        except (hvac.exceptions.VaultError, requests.RequestException, KeyError, TypeError,
+                ValueError):
             pass  # renewal failed or the token is near its max TTL: log in afresh
         self._login(stale=stale)
 
@@ -236,6 +257,21 @@ class VaultBackend:
                 raise self._unreachable(e) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _field(self, answer: Any, what: str, path: str, kind: type[T]) -> T:
+        """``answer[a][b]...`` for ``path`` "a.b", of type ``kind``; a BackendError
+        naming what Vault sent instead (a proxy's HTML page, a changed API)."""
+        value = answer
+        for depth, step in enumerate(path.split(".")):
+            if not isinstance(value, dict) or step not in value:
+                where = ".".join(path.split(".")[:depth]) or "the answer"
+                raise BackendError(f"vault: malformed {what} answer from {self._addr}: "
+                                   f"expected {path}, but {where} is {_shape(value)}")
+            value = value[step]
+        if not isinstance(value, kind):
+            raise BackendError(f"vault: malformed {what} answer from {self._addr}: "
+                               f"{path} is {_shape(value)}, not {kind.__name__}")
+        return value
+
     def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> KeydError:
         """A Vault refusal of an operation on one key, as a keyd error."""
         errors = " ".join(str(x) for x in (e.errors or [])).lower()
@@ -263,7 +299,8 @@ class VaultBackend:
         except hvac.exceptions.VaultError as e:
             raise self._outage("health check", e) from e
         if not isinstance(health, dict):
-            raise BackendUnavailable(f"vault: unexpected health answer from {self._addr}")
+            raise BackendUnavailable(
+                f"vault: unexpected health answer from {self._addr}: {_shape(health)}")
         if not health.get("initialized", False):
             raise BackendUnavailable(f"vault: not initialised at {self._addr}")
         if health.get("sealed", True):
@@ -307,11 +344,11 @@ class VaultBackend:
             )
         except hvac.exceptions.VaultError as e:
             raise self._refused("key read", ref, e) from e
+        version = self._field(answer, "key read", "data.latest_version", int)
+        pem = self._field(answer, "key read", f"data.keys.{version}.public_key", str)
         try:
-            version = int(answer["data"]["latest_version"])
-            pem = answer["data"]["keys"][str(version)]["public_key"].encode()
-            public = serialization.load_pem_public_key(pem)
-        except (KeyError, TypeError, ValueError) as e:
+            public = serialization.load_pem_public_key(pem.encode())
+        except ValueError as e:
             raise BackendError(f"vault: key {ref!r} has no RSA public key") from e
         if not isinstance(public, rsa.RSAPublicKey):
             raise BackendError(f"vault: key {ref!r} is not an RSA key")
@@ -322,6 +359,8 @@ class VaultBackend:
         return self._latest(ref)[1]
 
     def sign(self, ref: str, data: bytes, scheme: SignScheme) -> bytes:
+        if scheme not in _SCHEMES:
+            raise Unsupported(f"vault: transit has no signature scheme {scheme.value!r}")
         name = self._name(ref)
         # Send the SHA-256 digest (prehashed) so a large payload costs a small
         # request; transit signs the digest exactly as it would the message.
@@ -344,14 +383,16 @@ class VaultBackend:
             )
         except hvac.exceptions.VaultError as e:
             raise self._refused("sign", ref, e) from e
+        signature = self._field(answer, "sign", "data.signature", str)
         try:
-            return base64.b64decode(answer["data"]["signature"].split(":", 2)[2], validate=True)
-        except (KeyError, TypeError, IndexError, binascii.Error) as e:
-            raise BackendError(f"vault: malformed signature for key {ref!r}") from e
+            return base64.b64decode(signature.split(":", 2)[2], validate=True)
+        except (IndexError, binascii.Error) as e:
+            raise BackendError(f"vault: malformed signature for key {ref!r}: "
+                               f"{signature[:24]!r}... is not vault:v<n>:<base64>") from e
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         if oaep_hash not in self.capabilities.oaep_hashes:
-            raise UnsupportedOaepHash(
+            raise Unsupported(
                 f"vault: transit decrypts RSA-OAEP with SHA-256 only; {oaep_hash.jwe_alg} "
                 "(OAEP with SHA-1) cannot be decrypted by a vault backend: "
                 "encrypt to this key with RSA-OAEP-256"
@@ -378,10 +419,12 @@ class VaultBackend:
             raise DecryptionFailed() from e
         except hvac.exceptions.VaultError as e:
             raise self._refused("decrypt", ref, e) from e
+        plaintext = self._field(answer, "decrypt", "data.plaintext", str)
         try:
-            return base64.b64decode(answer["data"]["plaintext"], validate=True)
-        except (KeyError, TypeError, binascii.Error) as e:
-            raise BackendError(f"vault: malformed plaintext for key {ref!r}") from e
+            return base64.b64decode(plaintext, validate=True)
+        except binascii.Error as e:
+            # Never the value: it is (a broken copy of) a content key.
+            raise BackendError(f"vault: malformed plaintext for key {ref!r}: not base64") from e
 
     def export_private_key_pem(self, ref: str) -> bytes:
         name = self._name(ref)
@@ -398,11 +441,11 @@ class VaultBackend:
             raise self._refused("export", ref, e) from e
         except hvac.exceptions.VaultError as e:
             raise self._refused("export", ref, e) from e
+        versions = self._field(answer, "export", "data.keys", dict)
         try:
-            versions = answer["data"]["keys"]
             pem = versions[max(versions, key=int)].encode()
             private = serialization.load_pem_private_key(pem, None)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BackendError(f"vault: key {ref!r} exported no usable private key") from e
         # Transit exports PKCS#1; the protocol promises PKCS#8.
         return private.private_bytes(
@@ -474,7 +517,9 @@ class VaultBackend:
             return []  # transit answers 404 for a mount without keys
         except hvac.exceptions.VaultError as e:
             raise self._outage("key listing", e) from e
-        names = answer["data"]["keys"] if isinstance(answer, dict) else []
+        if isinstance(answer, requests.Response) and answer.status_code == 204:
+            return []  # no content: nothing listed
+        names = self._field(answer, "key listing", "data.keys", list)
         prefix = self._settings.key_prefix
         return sorted(n for n in names if isinstance(n, str) and n.startswith(prefix))
 

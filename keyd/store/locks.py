@@ -45,13 +45,16 @@ def try_lock_session(conn: Connection, key: int) -> bool:
 
 
 def session_lock_holder(conn: Connection, key: int) -> int | None:
-    """The backend pid holding session lock ``key``, if any.
+    """The backend pid holding session lock ``key`` in this database, if any.
 
     pg_locks shows a bigint key as (classid, objid) = its high and low halves.
+    Advisory locks belong to one database: another keyd on the same server,
+    with its own database, holds the same key without excluding us.
     """
     pid = conn.execute(text(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = :hi "
-        "AND objid = :lo AND objsubid = 1 AND granted"),
+        "AND objid = :lo AND objsubid = 1 AND granted AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"),
         {"hi": key >> 32, "lo": key & 0xFFFFFFFF}).scalar()
     return None if pid is None else int(pid)
 

@@ -58,6 +58,7 @@ from keyd.errors import (
     DecryptionFailed,
     KeydError,
     KeyNotFound,
+    Unsupported,
 )
 from keyd.model import ALLOWED_KEY_SIZES, MIN_RSA_BITS, OaepHash, Purpose, SignScheme
 
@@ -150,6 +151,14 @@ class Pkcs11Backend:
         try:
             first = self._pool.fresh()
             self.oaep_sha256_mode, sha1_mode = self._choose_decryption(first)
+        except p11.PKCS11Error as e:
+            self._pool.give_back(first)
+            self._pool.close()
+            # Anything the token answers here that keyd did not name above
+            # still stops start-up as one line (the CLI's "error", not a bug).
+            raise BackendUnavailable(
+                f"pkcs11: token {self.label!r} failed at start-up: {type(e).__name__} {e}"
+            ) from e
         except BaseException:
             self._pool.give_back(first)
             self._pool.close()
@@ -315,7 +324,7 @@ class Pkcs11Backend:
 
     def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
         if exportable:
-            raise BackendError(NOT_EXPORTABLE)
+            raise Unsupported(NOT_EXPORTABLE)
         if size not in ALLOWED_KEY_SIZES:
             raise BackendError(f"pkcs11: key size {size} is not one of {ALLOWED_KEY_SIZES}")
         key_id = os.urandom(16)
@@ -356,6 +365,8 @@ class Pkcs11Backend:
         return public_key
 
     def sign(self, ref: str, data: bytes, scheme: SignScheme) -> bytes:
+        if scheme not in _SIGN_MECHANISMS:
+            raise Unsupported(f"pkcs11: no mechanism for signature scheme {scheme.value!r}")
         key_id = _ref_id(ref)
         mechanism, param = _SIGN_MECHANISMS[scheme]
 
@@ -372,7 +383,7 @@ class Pkcs11Backend:
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         mode = self._oaep_modes.get(oaep_hash)
         if not mode:
-            raise BackendError(f"pkcs11: token {self.label!r} cannot decrypt {oaep_hash.jwe_alg}")
+            raise Unsupported(f"pkcs11: token {self.label!r} cannot decrypt {oaep_hash.jwe_alg}")
         k = (self.public_key(ref).key_size + 7) // 8
         if len(ciphertext) != k:
             raise DecryptionFailed()  # RFC 8017 §7.1.2 step 1b; lengths are public
@@ -406,7 +417,7 @@ class Pkcs11Backend:
         return self._run(decrypt)
 
     def export_private_key_pem(self, ref: str) -> bytes:
-        raise BackendError(NOT_EXPORTABLE)
+        raise Unsupported(NOT_EXPORTABLE)
 
     def destroy(self, ref: str) -> None:
         m = _REF.match(ref)

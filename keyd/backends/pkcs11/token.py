@@ -244,6 +244,21 @@ def open_logged_in_session(
                 ) from e
             except p11.PinLocked as e:
                 raise ConfigError(f"pkcs11: the user PIN of token {token.label!r} is locked") from e
+            except p11.PinExpired as e:
+                raise ConfigError(
+                    f"pkcs11: the user PIN of token {token.label!r} has expired; set a new one "
+                    "with the token's tools, then update " + pin.source) from e
+            except p11.UserPinNotInitialized as e:
+                raise ConfigError(
+                    f"pkcs11: token {token.label!r} has no user PIN yet; its security officer "
+                    "sets one (C_InitPIN, e.g. softhsm2-util --init-pin or the HSM's tools)"
+                ) from e
+            except p11.PKCS11Error as e:
+                # The login itself failed (token busy, removed, out of sessions):
+                # whatever it is, it stops start-up as one line, not a traceback.
+                raise BackendUnavailable(
+                    f"pkcs11: cannot log in to token {token.label!r}: {type(e).__name__}"
+                ) from e
             except UnicodeDecodeError as e:
                 raise ConfigError(f"pkcs11: the PIN from {pin.source} is not UTF-8") from e
             # The previous login session (if any) died with the login; drop it
