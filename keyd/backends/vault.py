@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
-from keyd.config import Secret, Settings, Table, VaultBackendSettings, read_secret
+from keyd.config import Secret, Settings, Table, VaultBackendSettings, require_secret
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
@@ -136,22 +136,12 @@ class VaultBackend:
     # ------------------------------------------------------------------ auth
 
     def _read_token(self) -> Secret:
-        token = read_secret(self._settings.token_file, "VAULT_TOKEN", "vault-token")
-        if token is None:
-            raise ConfigError(
-                "[backend.vault] no token: set token_file, $VAULT_TOKEN or the "
-                "systemd credential vault-token"
-            )
-        return token
+        return require_secret(self._settings.token_file, "VAULT_TOKEN", "vault-token",
+                              missing="[backend.vault] no token", key="token_file")
 
     def _read_secret_id(self) -> Secret:
-        secret_id = read_secret(self._settings.secret_id_file, "VAULT_SECRET_ID", "vault-secret-id")
-        if secret_id is None:
-            raise ConfigError(
-                "[backend.vault] no AppRole secret id: set secret_id_file, "
-                "$VAULT_SECRET_ID or the systemd credential vault-secret-id"
-            )
-        return secret_id
+        return require_secret(self._settings.secret_id_file, "VAULT_SECRET_ID", "vault-secret-id",
+                              missing="[backend.vault] no AppRole secret id", key="secret_id_file")
 
     def _login(self, stale: str | None) -> None:
         """AppRole login, unless another thread already replaced ``stale``."""

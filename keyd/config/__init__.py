@@ -10,7 +10,7 @@
 
 from keyd.config import settings
 from keyd.config.reader import MIN_PRODUCTION_VALIDITY, from_dict, load
-from keyd.config.secrets import Secret, read_secret
+from keyd.config.secrets import Secret, read_secret, require_secret
 from keyd.config.settings import *  # noqa: F403  every settings type, as settings.__all__ names it
 from keyd.config.table import Table, one_of, parse_duration, resolve_path
 from keyd.errors import ConfigError
@@ -25,6 +25,7 @@ __all__ = [
     "one_of",
     "parse_duration",
     "read_secret",
+    "require_secret",
     "resolve_path",
 ]
 __all__ += settings.__all__
