@@ -573,7 +573,6 @@ def identity(settings: Settings) -> str:
 
 
 PLUGIN = BackendPlugin(
-    kind="vault",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,

@@ -481,7 +481,6 @@ def identity(settings: Settings) -> str:
 
 
 PLUGIN = BackendPlugin(
-    kind="pkcs11",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,
