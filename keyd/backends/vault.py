@@ -42,7 +42,6 @@ from keyd.errors import (
     BackendUnavailable,
     ConfigError,
     DecryptionFailed,
-    KeydError,
     KeyNotFound,
     Unsupported,
 )
@@ -195,7 +194,7 @@ class VaultBackend:
             f"vault: unreachable at {self._addr} ({type(e).__name__})", retry_after=2
         )
 
-    def _outage(self, what: str, e: hvac.exceptions.VaultError) -> KeydError:
+    def _outage(self, what: str, e: hvac.exceptions.VaultError) -> BackendError:
         errors = "; ".join(str(x).strip() for x in (e.errors or [])) or type(e).__name__
         if isinstance(e, hvac.exceptions.VaultDown | hvac.exceptions.VaultNotInitialized):
             if "sealed" in errors.lower():
@@ -262,7 +261,7 @@ class VaultBackend:
                                f"{path} is {_shape(value)}, not {kind.__name__}")
         return value
 
-    def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> KeydError:
+    def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> BackendError:
         """A Vault refusal of an operation on one key, as a keyd error."""
         errors = " ".join(str(x) for x in (e.errors or [])).lower()
         # Transit words "no such key" differently per path; 404 or either phrase.
