@@ -167,7 +167,7 @@ def test_countdowns_read_at_a_glance() -> None:
 
 
 def key(kid: str, state: KeyState, **times: datetime) -> KeyRow:
-    return KeyRow(id="kv_" + kid, kid=kid, provisional=False, purpose=Purpose.SIGNING,
+    return KeyRow(id="kv_" + kid, kid=kid, purpose=Purpose.SIGNING,
                   state=state, alg="PS256", key_size=2048, backend="local",
                   created_at=times.get("publish_at", T0 - timedelta(days=100)),
                   state_changed_at=times.pop("changed", T0 - timedelta(days=1)), **times)

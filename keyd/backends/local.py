@@ -469,7 +469,6 @@ def prepare(settings: Settings) -> list[str]:
 
 
 PLUGIN = BackendPlugin(
-    kind="local",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,

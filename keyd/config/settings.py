@@ -15,6 +15,26 @@ from typing import TypeVar
 
 from keyd.model import KidScheme, Mode, Purpose
 
+__all__ = [
+    "AlertSettings",
+    "ApiSettings",
+    "BackendSettings",
+    "IssuerSettings",
+    "KeydSettings",
+    "LifecycleSettings",
+    "Listen",
+    "LocalBackendSettings",
+    "Pkcs11BackendSettings",
+    "PublicSettings",
+    "SchedulerSettings",
+    "Settings",
+    "SmtpSettings",
+    "StoreSettings",
+    "TransportDeploySettings",
+    "VaultBackendSettings",
+    "WebhookSettings",
+]
+
 _T = TypeVar("_T")
 
 
