@@ -18,11 +18,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -35,6 +36,21 @@ def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the test process dies (PR_SET_PDEATHSIG),
     so a killed xdist worker leaves no daemon behind (tests/test_clean_exit.py)."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the
+# process: a daemon started from a short-lived thread (a restart loop in a
+# test) would get SIGTERM as soon as that thread returned.  Every daemon is
+# therefore forked by this one thread, which lives as long as the test process.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daemon-spawner")
+
+
+def spawn(args: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``args`` as a child that dies with the test process, forked by the spawner thread."""
+    return _spawner.submit(
+        subprocess.Popen, args, stdout=log, stderr=subprocess.STDOUT, env=env,
+        preexec_fn=die_with_parent,
+    ).result()
 
 
 def toml_value(value: Any) -> str:
@@ -199,11 +215,7 @@ def start(config: Path, env: dict[str, str] | None = None, *,
     endpoints = data_dir / "endpoints.json"
     endpoints.unlink(missing_ok=True)
     log = open(config.parent / "keyd.log", "ab")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [*KEYD, "--config", str(config), "serve"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        preexec_fn=die_with_parent,
-    )
+    proc = spawn([*KEYD, "--config", str(config), "serve"], log, {**os.environ, **(env or {})})
     ready = threading.Event()
 
     def wait() -> None:
