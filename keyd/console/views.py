@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from keyd import lifecycle, x509
-from keyd.audit import AuditRecord
+from keyd.audit import AuditRecord, EventFilter
 from keyd.clock import utc
 from keyd.errors import KeydError
 from keyd.issuers import IssuerKeys
@@ -144,7 +144,7 @@ def shape_readiness(answer: Mapping[str, object]) -> dict[str, Any]:
 
 
 def recent_alerts(service: KeyService) -> list[AuditRecord]:
-    return service.audit_page(action="alert.send", limit=RECENT_ALERTS)
+    return service.audit_page(EventFilter(action="alert.send"), limit=RECENT_ALERTS)
 
 
 def published_kids(service: KeyService) -> list[str]:
