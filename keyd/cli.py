@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyd import config
+from keyd.audit import EventFilter
 from keyd.errors import BackendUnavailable, KeydError
 from keyd.logs import setup_logging
 from keyd.model import Purpose
@@ -406,7 +407,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             print(f"audit chain intact: {length} events, head {digest}"
                   + ("" if expected is None else f", reaches {expected[0]}:{expected[1]}"))
             return
-        rows = service.audit_events(action=args.action, kid=args.kid, limit=args.limit)
+        rows = service.audit_events(EventFilter(action=args.action, kid=args.kid),
+                                   limit=args.limit)
     records = [{
         "segment": row.segment, "seq": row.seq, "at": row.at.isoformat(), "actor": row.actor,
         "action": row.action, "kid": row.kid, "outcome": row.outcome, "detail": row.detail,

@@ -9,7 +9,7 @@ token (fail closed).  Refusals are audited too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from keyd.errors import (
     NotFound,
 )
 from keyd.issuers import IssuerKeys
+from keyd.jose import JweResult, VerifiedJws
 from keyd.model import Purpose
 from keyd.policy import Operation
 from keyd.service import Caller, KeyService, UsableKey
@@ -34,20 +35,6 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 @dataclass(frozen=True)
 class Signed:
     token: str
-    kid: str
-
-
-@dataclass(frozen=True)
-class Decrypted:
-    plaintext: bytes
-    kid: str
-    header: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Verified:
-    header: dict[str, Any]
-    payload: bytes
     kid: str
 
 
@@ -144,7 +131,8 @@ class TokenService:
 
     # ------------------------------------------------------------------ decryption
 
-    def decrypt_jwe(self, caller: Caller, compact: str) -> Decrypted:
+    def decrypt_jwe(self, caller: Caller, compact: str) -> JweResult:
+        """The plaintext and header, with the kid of our key that decrypted it."""
         caller.policy.require(Operation.DECRYPT, Purpose.ENCRYPTION)
         header = jose.parse_jwe_header(compact)
         kid = header.get("kid")
@@ -165,7 +153,7 @@ class TokenService:
         result = jose.decrypt_jwe(compact, unwrap_cek)
         self._audit(caller, "decrypt.jwe", key, result.plaintext, alg=header.get("alg"),
                     enc=header.get("enc"))
-        return Decrypted(result.plaintext, key.kid, result.header)
+        return replace(result, kid=key.kid)
 
     # ------------------------------------------------------------------ verification
 
@@ -191,7 +179,7 @@ class TokenService:
 
     def verify_jws(
         self, caller: Caller, compact: str, issuer: str, payload_b64: str | None = None
-    ) -> Verified:
+    ) -> VerifiedJws:
         caller.policy.require(Operation.VERIFY)
         keys, settings = self._issuer(issuer)
         now = self.clock.now()
@@ -214,9 +202,9 @@ class TokenService:
         )
         self._audit(caller, "verify.jws", None, result.payload, issuer=issuer,
                     signer_kid=result.kid)
-        return Verified(result.header, result.payload, result.kid)
+        return result
 
-    def unwrap(self, caller: Caller, compact: str, issuer: str) -> tuple[Verified, Decrypted]:
+    def unwrap(self, caller: Caller, compact: str, issuer: str) -> tuple[VerifiedJws, JweResult]:
         """PayNet's signed-then-encrypted response: verify the JWS, then decrypt its JWE."""
         verified = self.verify_jws(caller, compact, issuer)
         try:
@@ -228,7 +216,9 @@ class TokenService:
         self._check_claims(decrypted.plaintext, self._issuer(issuer)[1], "the decrypted payload")
         return verified, decrypted
 
-    def verify_universal_link(self, caller: Caller, url: str, issuer: str) -> tuple[str, Verified]:
+    def verify_universal_link(
+        self, caller: Caller, url: str, issuer: str
+    ) -> tuple[str, VerifiedJws]:
         caller.policy.require(Operation.VERIFY)
         _, settings = self._issuer(issuer)
         link = jose.parse_universal_link(url)

@@ -9,14 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from keyd.errors import (
-    BackendUnavailable,
-    IssuerUnavailable,
-    KeydError,
-    RateLimited,
-    StoreUnavailable,
-    Unauthorized,
-)
+from keyd.errors import KeydError, Retryable, Unauthorized
 
 log = logging.getLogger("keyd.api")
 
@@ -44,7 +37,7 @@ def error_response(status: int, code: str, detail: str, retry_after: int | None 
 
 def keyd_error(error: KeydError) -> Response:
     retry_after = None
-    if isinstance(error, BackendUnavailable | StoreUnavailable | IssuerUnavailable | RateLimited):
+    if isinstance(error, Retryable):
         retry_after = error.retry_after
     elif error.status == 503:
         # Every 503 says when to come back (a key missing from the backend is

@@ -27,7 +27,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from keyd.audit.events import OUTCOMES, AuditEvent, AuditRecord, payload_hash
+from keyd.audit.events import (
+    ALL_EVENTS,
+    OUTCOMES,
+    AuditEvent,
+    AuditRecord,
+    EventFilter,
+    payload_hash,
+)
 from keyd.audit.redaction import MAX_DETAIL_STRING
 
 if TYPE_CHECKING:
@@ -51,6 +58,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "GENESIS", "LEGACY", "MAX_BATCH", "MAX_DETAIL_STRING", "OUTCOMES", "WAIT_TIMEOUT",
-    "AuditEvent", "AuditLog", "AuditRecord", "Broken", "parse_head", "payload_hash",
+    "ALL_EVENTS", "GENESIS", "LEGACY", "MAX_BATCH", "MAX_DETAIL_STRING", "OUTCOMES", "WAIT_TIMEOUT",
+    "AuditEvent", "AuditLog", "AuditRecord", "Broken", "EventFilter", "parse_head",
+    "payload_hash",
 ]

@@ -21,6 +21,20 @@ def payload_hash(data: bytes) -> str:
 
 
 @dataclass(frozen=True)
+class EventFilter:
+    """Which events to read: in [since, until), fields equal to those given (None: any)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    action: str | None = None
+    kid: str | None = None
+    actor: str | None = None
+
+
+ALL_EVENTS = EventFilter()
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     actor: str
     action: str

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import builtins
 import logging
-from datetime import datetime
 from typing import Any
 
 from keyd.audit import chain, reading
 from keyd.audit.chain import Broken
-from keyd.audit.events import AuditEvent, AuditRecord, row_values
+from keyd.audit.events import ALL_EVENTS, AuditEvent, AuditRecord, EventFilter, row_values
 from keyd.audit.writer import Writer
 from keyd.clock import Clock, utc
-from keyd.store.audit import EventFilter
 from keyd.store.db import Store
 
 log = logging.getLogger("keyd.audit")
@@ -69,31 +67,14 @@ class AuditLog:
 
     # ------------------------------------------------------------------ reading
 
-    def list(
-        self,
-        *,
-        since: datetime | None = None,
-        action: str | None = None,
-        kid: str | None = None,
-        actor: str | None = None,
-        limit: int = 100,
-    ) -> builtins.list[AuditRecord]:
-        """Events in (time, segment, seq) order: the first `limit` from `since`,
-        else the latest `limit`."""
-        where = EventFilter(since=since, action=action, kid=kid, actor=actor)
+    def list(self, where: EventFilter = ALL_EVENTS, *,
+             limit: int = 100) -> builtins.list[AuditRecord]:
+        """Events in (time, segment, seq) order: the first `limit` from
+        `where.since`, else the latest `limit`."""
         return reading.latest(self._store, where, limit)
 
-    def page(
-        self,
-        *,
-        before: tuple[str, int] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        action: str | None = None,
-        kid: str | None = None,
-        actor: str | None = None,
-        limit: int = 50,
-    ) -> builtins.list[AuditRecord]:
-        """Newest first, filtered: up to `limit` events older than `before` (segment, seq)."""
-        where = EventFilter(since=since, until=until, action=action, kid=kid, actor=actor)
+    def page(self, where: EventFilter = ALL_EVENTS, *, before: tuple[str, int] | None = None,
+             limit: int = 50) -> builtins.list[AuditRecord]:
+        """Newest first: up to `limit` events matching `where`, older than
+        `before` (segment, seq)."""
         return reading.page(self._store, where, before, limit)

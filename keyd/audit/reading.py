@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from keyd.audit.events import AuditRecord
+from keyd.audit.events import AuditRecord, EventFilter
 from keyd.store import audit as sql
-from keyd.store.audit import EventFilter
 from keyd.store.db import Store
 from keyd.store.tables import AuditEventRow
 

@@ -127,7 +127,6 @@ class BackendPlugin:
     kind names.
     """
 
-    kind: str  # the `[backend] kind` value, and the `[backend.<kind>]` table
     capabilities: Capabilities  # declared statically; see Capabilities
     # Its `[backend.<kind>]` table -> its settings; relative paths against the
     # config folder (first Path) or the data directory (second).
@@ -139,3 +138,9 @@ class BackendPlugin:
     # Make what `keyd init` needs before the first key (the local master key);
     # returns lines to tell the operator.  Idempotent.
     prepare: Callable[[Settings], list[str]] = nothing_to_prepare
+
+    @property
+    def kind(self) -> str:
+        """The `[backend] kind` value, and the `[backend.<kind>]` table: the
+        name its capabilities declare."""
+        return self.capabilities.name

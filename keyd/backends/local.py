@@ -38,16 +38,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keyd import errors
 from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
 from keyd.config import LocalBackendSettings, Settings, Table, read_secret, resolve_path
-from keyd.errors import (
-    BackendError,
-    BackendUnavailable,
-    ConfigError,
-    DecryptionFailed,
-    KeyNotFound,
-    Unsupported,
-)
 from keyd.jose.compact import b64u_decode, b64u_encode
 from keyd.model import ALLOWED_KEY_SIZES, OaepHash, Purpose, SignScheme
 
@@ -104,7 +97,9 @@ class LocalBackend:
 
     def __init__(self, keys_dir: Path, master_key: bytes, master_source: str = "") -> None:
         if len(master_key) != 32:
-            raise ConfigError(f"local backend: the master key is {len(master_key)} bytes, not 32")
+            raise errors.ConfigError(
+                f"local backend: the master key is {len(master_key)} bytes, not 32"
+            )
         self._keys_dir = keys_dir
         self._master = AESGCM(master_key)
         self._master_source = master_source or "the configuration"  # where it came from
@@ -116,7 +111,9 @@ class LocalBackend:
             # directory: set it explicitly, nobody else has business in here.
             keys_dir.chmod(0o700)
         except OSError as e:
-            raise BackendUnavailable(f"local: keys directory {keys_dir} unusable: {e}") from e
+            raise errors.BackendUnavailable(
+                f"local: keys directory {keys_dir} unusable: {e}"
+            ) from e
 
     # ------------------------------------------------------------------ protocol
 
@@ -126,9 +123,9 @@ class LocalBackend:
         try:
             st = d.stat()
             if not stat.S_ISDIR(st.st_mode):
-                raise BackendError(f"local: {d} is not a directory")
+                raise errors.BackendError(f"local: {d} is not a directory")
             if st.st_mode & 0o077:
-                raise BackendError(
+                raise errors.BackendError(
                     f"local: keys directory {d} has mode {stat.S_IMODE(st.st_mode):04o}, "
                     "expected 0700"
                 )
@@ -137,15 +134,17 @@ class LocalBackend:
             os.close(fd)
             probe.unlink()
         except OSError as e:
-            raise BackendUnavailable(f"local: keys directory {d} is not writeable: {e}") from e
+            raise errors.BackendUnavailable(
+                f"local: keys directory {d} is not writeable: {e}"
+            ) from e
         # A wrong master key should fail at start-up, not on the first sign:
         # unwrapping one data key is a single cheap AES-GCM operation.
         refs = self.list_refs()
         if refs:
             try:
                 self._unwrap(refs[0], self._read_envelope(refs[0]))
-            except BackendError:
-                raise BackendError(
+            except errors.BackendError:
+                raise errors.BackendError(
                     f"local: wrong master key: the key from {self._master_source} does not "
                     f"open {d / refs[0]}.key. Check that it is the key `keyd init` made for "
                     f"this data_dir (a file wins over $KEYD_MASTER_KEY, which wins over the "
@@ -155,11 +154,11 @@ class LocalBackend:
 
     def generate(self, purpose: Purpose, size: int, *, exportable: bool = False) -> GeneratedKey:
         if size not in ALLOWED_KEY_SIZES:
-            raise BackendError(f"local: key size {size} is not one of {ALLOWED_KEY_SIZES}")
+            raise errors.BackendError(f"local: key size {size} is not one of {ALLOWED_KEY_SIZES}")
         if exportable and not self.capabilities.exports_private_keys:
-            raise Unsupported("local: this backend is declared not to export keys")
+            raise errors.Unsupported("local: this backend is declared not to export keys")
         if exportable and purpose is not Purpose.TRANSPORT:
-            raise BackendError(f"local: a {purpose.value} key cannot be exportable")
+            raise errors.BackendError(f"local: a {purpose.value} key cannot be exportable")
         private = rsa.generate_private_key(public_exponent=65537, key_size=size)
         ref = f"local-{secrets.token_hex(8)}"
         self._write(ref, purpose, exportable, private)
@@ -178,12 +177,12 @@ class LocalBackend:
             return private.sign(data, pss, hashes.SHA256())
         if scheme is SignScheme.PKCS1V15_SHA256:
             return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        raise Unsupported(f"local: signature scheme {scheme.value!r} is not supported")
+        raise errors.Unsupported(f"local: signature scheme {scheme.value!r} is not supported")
 
     def decrypt(self, ref: str, ciphertext: bytes, oaep_hash: OaepHash) -> bytes:
         h = _OAEP_HASHES.get(oaep_hash)
         if h is None or oaep_hash not in self.capabilities.oaep_hashes:
-            raise Unsupported(f"local: cannot decrypt {oaep_hash.jwe_alg}")
+            raise errors.Unsupported(f"local: cannot decrypt {oaep_hash.jwe_alg}")
         private = self._load(ref).private
         try:
             return private.decrypt(
@@ -191,14 +190,14 @@ class LocalBackend:
             )
         except ValueError:
             # One error for every bad ciphertext: no padding oracle.
-            raise DecryptionFailed() from None
+            raise errors.DecryptionFailed() from None
 
     def export_private_key_pem(self, ref: str) -> bytes:
         if not self.capabilities.exports_private_keys:
-            raise Unsupported("local: this backend is declared not to export keys")
+            raise errors.Unsupported("local: this backend is declared not to export keys")
         key = self._load(ref)
         if not key.exportable:
-            raise BackendError(f"local: key {ref} is not exportable")
+            raise errors.BackendError(f"local: key {ref} is not exportable")
         return key.private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -217,13 +216,13 @@ class LocalBackend:
             self._path(ref).unlink(missing_ok=True)
             _fsync_dir(self._keys_dir)
         except OSError as e:
-            raise BackendUnavailable(f"local: cannot remove key {ref}: {e}") from e
+            raise errors.BackendUnavailable(f"local: cannot remove key {ref}: {e}") from e
 
     def list_refs(self) -> list[str]:
         try:
             names = os.listdir(self._keys_dir)
         except OSError as e:
-            raise BackendUnavailable(f"local: cannot list {self._keys_dir}: {e}") from e
+            raise errors.BackendUnavailable(f"local: cannot list {self._keys_dir}: {e}") from e
         refs = (n.removesuffix(_SUFFIX) for n in names if n.endswith(_SUFFIX))
         return sorted(r for r in refs if _REF.match(r))
 
@@ -270,24 +269,26 @@ class LocalBackend:
             _fsync_dir(self._keys_dir)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise BackendUnavailable(f"local: cannot write key {ref}: {e}") from e
+            raise errors.BackendUnavailable(f"local: cannot write key {ref}: {e}") from e
 
     def _read_envelope(self, ref: str) -> dict[str, object]:
         if not _REF.match(ref):
-            raise KeyNotFound(f"local: no key {ref!r}")
+            raise errors.KeyNotFound(f"local: no key {ref!r}")
         try:
             raw = self._path(ref).read_bytes()
         except FileNotFoundError:
-            raise KeyNotFound(f"local: no key {ref!r}") from None
+            raise errors.KeyNotFound(f"local: no key {ref!r}") from None
         except OSError as e:
-            raise BackendUnavailable(f"local: cannot read key {ref}: {e}") from e
+            raise errors.BackendUnavailable(f"local: cannot read key {ref}: {e}") from e
         try:
             envelope = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            raise BackendError(f"local: key file for {ref} is not valid JSON") from None
+            raise errors.BackendError(f"local: key file for {ref} is not valid JSON") from None
         if not isinstance(envelope, dict) or envelope.get("v") != FORMAT_VERSION:
             version = envelope.get("v") if isinstance(envelope, dict) else None
-            raise BackendError(f"local: key file for {ref} has unknown format version {version!r}")
+            raise errors.BackendError(
+                f"local: key file for {ref} has unknown format version {version!r}"
+            )
         return envelope
 
     def _unwrap(self, ref: str, envelope: dict[str, object]) -> tuple[bytes, bytes]:
@@ -297,15 +298,15 @@ class LocalBackend:
         if not (
             isinstance(purpose, str) and isinstance(exportable, bool) and isinstance(wrapped, str)
         ):
-            raise BackendError(f"local: key file for {ref} is malformed")
+            raise errors.BackendError(f"local: key file for {ref} is malformed")
         # The AAD uses the ref we were asked for, not the one written in the
         # file: a file moved to another ref's name fails here.
         aad = _aad(ref, purpose, exportable)
         try:
-            blob = b64u_decode(wrapped, BackendError, f"local: the wrapped key of {ref}")
+            blob = b64u_decode(wrapped, errors.BackendError, f"local: the wrapped key of {ref}")
             return self._master.decrypt(blob[:_NONCE], blob[_NONCE:], aad), aad
         except (InvalidTag, ValueError, binascii.Error):
-            raise BackendError(
+            raise errors.BackendError(
                 f"local: key {ref} cannot be opened: wrong master key, or the file was "
                 "tampered with or moved from another ref"
             ) from None
@@ -319,17 +320,17 @@ class LocalBackend:
         data_key, aad = self._unwrap(ref, envelope)
         sealed = envelope.get("private_key")
         if not isinstance(sealed, str):
-            raise BackendError(f"local: key file for {ref} is malformed")
+            raise errors.BackendError(f"local: key file for {ref} is malformed")
         try:
-            blob = b64u_decode(sealed, BackendError, f"local: the sealed key of {ref}")
+            blob = b64u_decode(sealed, errors.BackendError, f"local: the sealed key of {ref}")
             der = AESGCM(data_key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
             private = serialization.load_der_private_key(der, password=None)
         except (InvalidTag, ValueError, binascii.Error, TypeError):
-            raise BackendError(
+            raise errors.BackendError(
                 f"local: key {ref} cannot be opened: the file was tampered with"
             ) from None
         if not isinstance(private, rsa.RSAPrivateKey):
-            raise BackendError(f"local: key {ref} is not an RSA key")
+            raise errors.BackendError(f"local: key {ref} is not an RSA key")
         key = _Key(private, envelope["exportable"] is True)
         with self._lock:
             # Two threads may race to load the same key; either result is the same key.
@@ -344,12 +345,12 @@ def _decode_master_key(text: bytes, source: str) -> bytes:
     try:
         s = text.strip().decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigError(f"master key from {source} is not base64url text") from None
+        raise errors.ConfigError(f"master key from {source} is not base64url text") from None
     if not _B64URL.match(s):
-        raise ConfigError(f"master key from {source} is not base64url text") from None
-    key = b64u_decode(s.rstrip("="), ConfigError, f"master key from {source}")
+        raise errors.ConfigError(f"master key from {source} is not base64url text") from None
+    key = b64u_decode(s.rstrip("="), errors.ConfigError, f"master key from {source}")
     if len(key) != 32:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"master key from {source} decodes to {len(key)} bytes; it must be exactly 32"
         )
     return key
@@ -362,15 +363,15 @@ def _read_master_key_file(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ConfigError(f"master key file {path} cannot be read: {e.strerror}") from None
+        raise errors.ConfigError(f"master key file {path} cannot be read: {e.strerror}") from None
     try:
         # fstat the open descriptor, not the path: no window between check and read.
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"master key file {path} is not a regular file")
+            raise errors.ConfigError(f"master key file {path} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"master key file {path} has mode {mode:04o}; it must be 0600 or stricter "
                 f"(chmod 600 {path})"
             )
@@ -407,11 +408,13 @@ def create_master_key_file(settings: Settings) -> Path:
                 folder.chmod(0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"master key file {path} already exists; refusing to overwrite it"
         ) from None
     except OSError as e:
-        raise ConfigError(f"master key file {path} cannot be created: {e.strerror}") from None
+        raise errors.ConfigError(
+            f"master key file {path} cannot be created: {e.strerror}"
+        ) from None
     try:
         os.fchmod(fd, 0o600)  # the umask cannot loosen it, but may have narrowed it oddly
         os.write(fd, (b64u_encode(secrets.token_bytes(32)) + "\n").encode())
@@ -425,7 +428,7 @@ def create_master_key_file(settings: Settings) -> Path:
 def from_settings(settings: Settings) -> LocalBackend:
     found = _master_key_and_source(settings)
     if found is None:
-        raise ConfigError(
+        raise errors.ConfigError(
             "local backend: no master key: run `keyd init`, or set one of: the file "
             f"{_master_key_file(settings)} (mode 0600), ${MASTER_KEY_ENV} "
             f"(base64url of 32 bytes), the systemd credential {MASTER_KEY_CREDENTIAL!r}"
@@ -469,7 +472,6 @@ def prepare(settings: Settings) -> list[str]:
 
 
 PLUGIN = BackendPlugin(
-    kind="local",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,

@@ -36,13 +36,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyd.backends.base import BackendPlugin, Capabilities, GeneratedKey
-from keyd.config import Secret, Settings, Table, VaultBackendSettings, read_secret
+from keyd.config import Secret, Settings, Table, VaultBackendSettings, require_secret
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
     DecryptionFailed,
-    KeydError,
     KeyNotFound,
     Unsupported,
 )
@@ -136,22 +135,12 @@ class VaultBackend:
     # ------------------------------------------------------------------ auth
 
     def _read_token(self) -> Secret:
-        token = read_secret(self._settings.token_file, "VAULT_TOKEN", "vault-token")
-        if token is None:
-            raise ConfigError(
-                "[backend.vault] no token: set token_file, $VAULT_TOKEN or the "
-                "systemd credential vault-token"
-            )
-        return token
+        return require_secret(self._settings.token_file, "VAULT_TOKEN", "vault-token",
+                              missing="[backend.vault] no token", key="token_file")
 
     def _read_secret_id(self) -> Secret:
-        secret_id = read_secret(self._settings.secret_id_file, "VAULT_SECRET_ID", "vault-secret-id")
-        if secret_id is None:
-            raise ConfigError(
-                "[backend.vault] no AppRole secret id: set secret_id_file, "
-                "$VAULT_SECRET_ID or the systemd credential vault-secret-id"
-            )
-        return secret_id
+        return require_secret(self._settings.secret_id_file, "VAULT_SECRET_ID", "vault-secret-id",
+                              missing="[backend.vault] no AppRole secret id", key="secret_id_file")
 
     def _login(self, stale: str | None) -> None:
         """AppRole login, unless another thread already replaced ``stale``."""
@@ -205,7 +194,7 @@ class VaultBackend:
             f"vault: unreachable at {self._addr} ({type(e).__name__})", retry_after=2
         )
 
-    def _outage(self, what: str, e: hvac.exceptions.VaultError) -> KeydError:
+    def _outage(self, what: str, e: hvac.exceptions.VaultError) -> BackendError:
         errors = "; ".join(str(x).strip() for x in (e.errors or [])) or type(e).__name__
         if isinstance(e, hvac.exceptions.VaultDown | hvac.exceptions.VaultNotInitialized):
             if "sealed" in errors.lower():
@@ -272,7 +261,7 @@ class VaultBackend:
                                f"{path} is {_shape(value)}, not {kind.__name__}")
         return value
 
-    def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> KeydError:
+    def _refused(self, what: str, ref: str, e: hvac.exceptions.VaultError) -> BackendError:
         """A Vault refusal of an operation on one key, as a keyd error."""
         errors = " ".join(str(x) for x in (e.errors or [])).lower()
         # Transit words "no such key" differently per path; 404 or either phrase.
@@ -583,7 +572,6 @@ def identity(settings: Settings) -> str:
 
 
 PLUGIN = BackendPlugin(
-    kind="vault",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,

@@ -8,56 +8,24 @@
   backends' own, checked and defaulted.
 """
 
+from keyd.config import settings
 from keyd.config.reader import MIN_PRODUCTION_VALIDITY, from_dict, load
-from keyd.config.secrets import Secret, read_secret
-from keyd.config.settings import (
-    AlertSettings,
-    ApiSettings,
-    BackendSettings,
-    IssuerSettings,
-    KeydSettings,
-    LifecycleSettings,
-    Listen,
-    LocalBackendSettings,
-    Pkcs11BackendSettings,
-    PublicSettings,
-    SchedulerSettings,
-    Settings,
-    SmtpSettings,
-    StoreSettings,
-    TransportDeploySettings,
-    VaultBackendSettings,
-    WebhookSettings,
-)
+from keyd.config.secrets import Secret, read_secret, require_secret
+from keyd.config.settings import *  # noqa: F403  every settings type, as settings.__all__ names it
 from keyd.config.table import Table, one_of, parse_duration, resolve_path
 from keyd.errors import ConfigError
 
 __all__ = [
     "MIN_PRODUCTION_VALIDITY",
-    "AlertSettings",
-    "ApiSettings",
-    "BackendSettings",
     "ConfigError",
-    "IssuerSettings",
-    "KeydSettings",
-    "LifecycleSettings",
-    "Listen",
-    "LocalBackendSettings",
-    "Pkcs11BackendSettings",
-    "PublicSettings",
-    "SchedulerSettings",
     "Secret",
-    "Settings",
-    "SmtpSettings",
-    "StoreSettings",
     "Table",
-    "TransportDeploySettings",
-    "VaultBackendSettings",
-    "WebhookSettings",
     "from_dict",
     "load",
     "one_of",
     "parse_duration",
     "read_secret",
+    "require_secret",
     "resolve_path",
 ]
+__all__ += settings.__all__

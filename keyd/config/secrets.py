@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from keyd.errors import ConfigError
+
 
 class Secret:
     """A secret value that never shows itself in repr, str or a log line."""
@@ -39,3 +41,13 @@ def read_secret(file: Path | None, env: str, credential: str) -> Secret | None:
         return Secret(path.read_bytes().strip(), f"systemd credential {credential}")
     return None
 
+
+
+def require_secret(file: Path | None, env: str, credential: str, *, missing: str,
+                   key: str) -> Secret:
+    """:func:`read_secret`, or a ConfigError that says the three ways to give it:
+    "``missing``: set ``key``, $ENV or the systemd credential NAME"."""
+    secret = read_secret(file, env, credential)
+    if secret is None:
+        raise ConfigError(f"{missing}: set {key}, ${env} or the systemd credential {credential}")
+    return secret

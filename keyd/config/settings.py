@@ -15,6 +15,26 @@ from typing import TypeVar
 
 from keyd.model import KidScheme, Mode, Purpose
 
+__all__ = [
+    "AlertSettings",
+    "ApiSettings",
+    "BackendSettings",
+    "IssuerSettings",
+    "KeydSettings",
+    "LifecycleSettings",
+    "Listen",
+    "LocalBackendSettings",
+    "Pkcs11BackendSettings",
+    "PublicSettings",
+    "SchedulerSettings",
+    "Settings",
+    "SmtpSettings",
+    "StoreSettings",
+    "TransportDeploySettings",
+    "VaultBackendSettings",
+    "WebhookSettings",
+]
+
 _T = TypeVar("_T")
 
 
@@ -24,7 +44,9 @@ class Listen:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        # An IPv6 host is bracketed, as config.toml wrote it: "[::1]:8443".
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,10 @@ class KeydSettings:
 
 @dataclass(frozen=True)
 class PublicSettings:
+    """[public]: where the JWKS is served, and how long a fetched copy may be cached."""
+
     listen: Listen
-    max_age: int
+    max_age: int  # seconds, the JWKS's Cache-Control max-age
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ import re
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from keyd.errors import ConfigError
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_T = TypeVar("_T")
 
 
 def one_of(values: Iterable[object], last: str = "or") -> str:
@@ -58,21 +59,19 @@ class Table:
         return f"[{self.where}] {key}"
 
     def text(self, key: str, default: str) -> str:
-        value = self.get(key, default)
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.name(key)} must be a string, not {value!r}")
-        return value
+        return self._typed(key, default, str, "a string")
 
     def integer(self, key: str, default: int) -> int:
-        value = self.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{self.name(key)} must be an integer, not {value!r}")
-        return value
+        return self._typed(key, default, int, "an integer")
 
     def flag(self, key: str, default: bool) -> bool:
+        return self._typed(key, default, bool, "true or false")
+
+    def _typed(self, key: str, default: _T, kind: type[_T], what: str) -> _T:
         value = self.get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.name(key)} must be true or false, not {value!r}")
+        # bool is an int to Python, but `port = true` in a config is a mistake, not 1.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self.name(key)} must be {what}, not {value!r}")
         return value
 
     def duration(self, key: str, default: str) -> timedelta:

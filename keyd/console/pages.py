@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from keyd.audit import EventFilter
 from keyd.clock import utc
 from keyd.console import timeline, views
 from keyd.console.sessions import Session
@@ -78,10 +79,8 @@ async def audit(
     before = (segment, int(seq_text)) if seq_text else None
 
     def read() -> dict[str, Any]:
-        events = console.service.audit_page(
-            before=before, since=since, until=until, limit=AUDIT_PAGE + 1,
-            **{k: v or None for k, v in filters.items()},
-        )
+        where = EventFilter(since=since, until=until, **{k: v or None for k, v in filters.items()})
+        events = console.service.audit_page(where, before=before, limit=AUDIT_PAGE + 1)
         length, digest = console.service.audit_head()
         broken = console.service.audit_verify()
         return {"events": events[:AUDIT_PAGE], "more": len(events) > AUDIT_PAGE,

@@ -28,12 +28,17 @@ MAX_LABELS = 9  # past this many ticks, every other one is labelled
 
 
 @dataclass(frozen=True)
-class Span:
+class Drawn:
+    """Something drawn on a key's row, with the label its ``<title>`` carries."""
+
     x: float
     y: float
-    width: float
-    kind: str  # published | active | planned | retired | awaiting
+    kind: str  # a Span's or a Mark's, listed below
     label: str
+
+    @property
+    def middle(self) -> float:
+        return self.x
 
     @property
     def brief(self) -> str:
@@ -42,30 +47,30 @@ class Span:
 
     @property
     def anchor(self) -> str:
-        """Where its label sits when shown: right of the span, or left of it past the middle."""
-        return "end" if self.x + self.width / 2 > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
+        """Where its label sits when shown: right of it, or left of it past the middle."""
+        return "end" if self.middle > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
 
 
 @dataclass(frozen=True)
-class Mark:
-    x: float
-    y: float
-    kind: str  # not_after | threshold | revoked
-    label: str
+class Span(Drawn):
+    """A stretch of a key's life: published | active | planned | retired | awaiting."""
+
+    width: float
 
     @property
-    def brief(self) -> str:
-        return self.label.partition(": ")[2] or self.label
+    def middle(self) -> float:
+        return self.x + self.width / 2
 
-    @property
-    def anchor(self) -> str:
-        return "end" if self.x > LABEL_WIDTH + PLOT_WIDTH / 2 else "start"
+
+@dataclass(frozen=True)
+class Mark(Drawn):
+    """A moment in it: not_after | threshold | revoked."""
 
 
 @dataclass(frozen=True)
 class Tick:
     x: float
-    label: str
+    label: str = ""  # none on every other tick when there are more than MAX_LABELS
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,8 @@ def build(keys: list[KeyRow], now: datetime, thresholds: tuple[timedelta, ...],
     for i, key in enumerate(shown):
         y = AXIS_HEIGHT + i * ROW_HEIGHT
         bar_y = y + (ROW_HEIGHT - BAR_HEIGHT) / 2
-        name = f"{key.purpose.value} key {key.kid}"
-        rows.append(Row(y=y, kid=key.kid, short=_short(key.kid),
+        name = f"{key.purpose.value} key {key.kid_or_id}"
+        rows.append(Row(y=y, kid=key.kid_or_id, short=_short(key.kid_or_id),
                         caption=f"{key.purpose.value}, {key.state.value.replace('_', ' ')}"))
         for kind, a, b in _periods(key, now):
             if visible(a, b):
@@ -209,7 +214,7 @@ def _ticks(start: datetime, end: datetime, x_of: Callable[[datetime], float]) ->
     if len(ticks) > MAX_LABELS:
         # Keep every grid line, but label every other (or third...) so labels never touch.
         every = -(-len(ticks) // MAX_LABELS)
-        ticks = [t if i % every == 0 else Tick(t.x, "") for i, t in enumerate(ticks)]
+        ticks = [t if i % every == 0 else Tick(t.x) for i, t in enumerate(ticks)]
     return ticks
 
 

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
 from keyd import lifecycle, x509
-from keyd.audit import AuditRecord
+from keyd.audit import AuditRecord, EventFilter
 from keyd.clock import utc
 from keyd.errors import KeydError
 from keyd.issuers import IssuerKeys
 from keyd.model import KeyState, KidScheme, Purpose
-from keyd.service import ClientInfo, KeyService
+from keyd.service import ClientInfo, KeyInfo, KeyService
+from keyd.service.values import key_info, key_times, maybe_utc
 
 RECENT_ALERTS = 10
 # "Last used" comes from the audit log: the newest event each client made,
@@ -28,34 +29,23 @@ RECENT_ALERTS = 10
 LAST_USED_WINDOW = 100_000
 
 
-@dataclass(frozen=True)
-class KeyRow:
-    """One key version with its certificate and lifecycle times."""
+@dataclass(frozen=True, kw_only=True)
+class KeyRow(KeyInfo):
+    """A key version as the service shows it, with what the console's pages add."""
 
-    id: str
-    kid: str  # the provisional id until a certificate fixes the kid
-    provisional: bool
-    purpose: Purpose
-    state: KeyState
-    alg: str | None
-    key_size: int
-    backend: str
-    created_at: datetime
     state_changed_at: datetime
+    # its certificate and whether one can be uploaded (see _takes_certificate)
     subject: str | None = None
     issuer: str | None = None
     cert_source: str | None = None
-    not_before: datetime | None = None
-    not_after: datetime | None = None
+    has_csr: bool = False
+    takes_certificate: bool = False
+    # its lifecycle: the moments past and the next one due
     publish_at: datetime | None = None
-    activated_at: datetime | None = None
-    activates_at: datetime | None = None  # a pending key: when it may start signing
     rotates_at: datetime | None = None  # an active key: when the scheduler replaces it
     retired_at: datetime | None = None
     destroy_after: datetime | None = None
     revoked_reason: str | None = None
-    has_csr: bool = False
-    takes_certificate: bool = False  # an upload can succeed (see _takes_certificate)
 
 
 @dataclass
@@ -72,41 +62,25 @@ def key_rows(service: KeyService) -> list[KeyRow]:
     """Every key version, oldest first within each purpose."""
     rows: list[KeyRow] = []
     for key, cert in service.key_records():
-        purpose = Purpose(key.purpose)
-        life = service.settings.lifecycle[purpose]
         leaf = None if cert is None else x509.load_chain(cert.chain_pem.encode())[0]
-        times = lifecycle.KeyTimes(
-            id=key.id, state=KeyState(key.state), created_at=utc(key.created_at),
-            publish_at=_utc(key.publish_at), activated_at=_utc(key.activated_at),
-        )
-        state = KeyState(key.state)
+        info = key_info(key, leaf)
+        life = service.settings.lifecycle[info.purpose]
+        if info.state is KeyState.PENDING:
+            info = replace(info, activates_at=lifecycle.ready_at(key_times(key), life))
+        active_since = info.activated_at if info.state is KeyState.ACTIVE else None
         rows.append(KeyRow(
-            id=key.id,
-            kid=key.kid or key.id,
-            provisional=key.kid is None,
-            purpose=purpose,
-            state=state,
-            alg=purpose.jwk_alg,
-            key_size=key.key_size,
-            backend=key.backend,
-            created_at=utc(key.created_at),
+            **vars(info),
             state_changed_at=utc(key.state_changed_at),
             subject=None if leaf is None else leaf.subject.rfc4514_string(),
             issuer=None if leaf is None else leaf.issuer.rfc4514_string(),
             cert_source=None if cert is None else cert.source,
-            not_before=None if cert is None else utc(cert.not_before),
-            not_after=None if cert is None else utc(cert.not_after),
-            publish_at=_utc(key.publish_at),
-            activated_at=_utc(key.activated_at),
-            activates_at=lifecycle.ready_at(times, life) if state is KeyState.PENDING
-            else None,
-            rotates_at=None if key.activated_at is None or state is not KeyState.ACTIVE
-            else utc(key.activated_at) + life.rotate_after,
-            retired_at=_utc(key.retired_at),
-            destroy_after=_utc(key.destroy_after),
-            revoked_reason=key.revoked_reason,
             has_csr=key.csr_pem is not None,
-            takes_certificate=_takes_certificate(state, service.settings.keyd.kid),
+            takes_certificate=_takes_certificate(info.state, service.settings.keyd.kid),
+            publish_at=maybe_utc(key.publish_at),
+            rotates_at=None if active_since is None else active_since + life.rotate_after,
+            retired_at=maybe_utc(key.retired_at),
+            destroy_after=maybe_utc(key.destroy_after),
+            revoked_reason=key.revoked_reason,
         ))
     return rows
 
@@ -170,7 +144,7 @@ def shape_readiness(answer: Mapping[str, object]) -> dict[str, Any]:
 
 
 def recent_alerts(service: KeyService) -> list[AuditRecord]:
-    return service.audit_page(action="alert.send", limit=RECENT_ALERTS)
+    return service.audit_page(EventFilter(action="alert.send"), limit=RECENT_ALERTS)
 
 
 def published_kids(service: KeyService) -> list[str]:
@@ -257,8 +231,5 @@ class ClientRow:
 def clients(service: KeyService) -> list[ClientRow]:
     infos = service.clients()
     seen = service.clients_last_seen([c.name for c in infos], LAST_USED_WINDOW)
-    return [ClientRow(c, _utc(seen.get(c.name))) for c in infos]
+    return [ClientRow(c, maybe_utc(seen.get(c.name))) for c in infos]
 
-
-def _utc(when: datetime | None) -> datetime | None:
-    return None if when is None else utc(when)

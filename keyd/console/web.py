@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keyd.api.body import read_bytes
-from keyd.errors import BadRequest, KeydError
+from keyd.errors import BadRequest, UnsupportedMediaType
 
 CSP = "; ".join([
     "default-src 'self'",
@@ -147,7 +147,8 @@ async def read_form(request: Request, allowed: set[str], *, limit: int,
             else:
                 pairs.append((key, item))
     else:
-        raise UnsupportedForm(f"a form is urlencoded or multipart, not {kind[:60] or 'nothing'}")
+        raise UnsupportedMediaType(
+            f"a form is urlencoded or multipart, not {kind[:60] or 'nothing'}")
     fields: dict[str, str | bytes] = {}
     for name, value in pairs:
         if name not in allowed:
@@ -156,11 +157,6 @@ async def read_form(request: Request, allowed: set[str], *, limit: int,
             raise BadRequest(f"form field {name!r} given twice")
         fields[name] = value
     return fields
-
-
-class UnsupportedForm(KeydError):
-    status = 415
-    code = "unsupported_media_type"
 
 
 def text_field(fields: dict[str, str | bytes], name: str, *, required: bool = True,

@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from keyd.audit import AuditRecord, Broken
+from keyd.audit import ALL_EVENTS, AuditRecord, Broken, EventFilter
 
 from .core import ServiceCore
 
@@ -29,16 +27,13 @@ class Auditing(ServiceCore):
         """Log the chain's head, so a copy lives outside the store."""
         return self.audit.checkpoint()
 
-    def audit_events(self, *, since: datetime | None = None, action: str | None = None,
-                     kid: str | None = None, actor: str | None = None,
+    def audit_events(self, where: EventFilter = ALL_EVENTS, *,
                      limit: int = 100) -> list[AuditRecord]:
-        """Events oldest first: the first ``limit`` from ``since``, else the latest."""
-        return self.audit.list(since=since, action=action, kid=kid, actor=actor, limit=limit)
+        """Events oldest first: the first ``limit`` from ``where.since``, else the latest."""
+        return self.audit.list(where, limit=limit)
 
-    def audit_page(self, *, before: tuple[str, int] | None = None,
-                   since: datetime | None = None, until: datetime | None = None,
-                   action: str | None = None, kid: str | None = None,
-                   actor: str | None = None, limit: int = 50) -> list[AuditRecord]:
+    def audit_page(self, where: EventFilter = ALL_EVENTS, *,
+                   before: tuple[str, int] | None = None, limit: int = 50) -> list[AuditRecord]:
         """Newest first, filtered, older than the event ``before`` (the console)."""
-        return self.audit.page(before=before, since=since, until=until, action=action,
-                               kid=kid, actor=actor, limit=limit)
+        return self.audit.page(where, before=before, limit=limit)
+

@@ -51,18 +51,28 @@ class KeyInfo:
     key_size: int
     backend: str
     created_at: datetime
-    not_before: datetime | None
-    not_after: datetime | None
+    not_before: datetime | None = None  # the current certificate's (None: no certificate)
+    not_after: datetime | None = None
     activated_at: datetime | None = None
     # A pending key's first moment of signing: published + prepublish (the
     # scheduler activates it at its first run from then on).
     activates_at: datetime | None = None
 
+    @property
+    def provisional(self) -> bool:
+        """No certificate has fixed the kid yet: the key goes by its id."""
+        return self.kid is None
+
+    @property
+    def kid_or_id(self) -> str:
+        """What the key goes by: its kid, or its id while the kid is provisional."""
+        return self.id if self.kid is None else self.kid
+
     def to_json(self) -> dict[str, object]:
         return {
             "id": self.id,
-            "kid": self.kid if self.kid is not None else self.id,
-            "provisional": self.kid is None,
+            "kid": self.kid_or_id,
+            "provisional": self.provisional,
             "purpose": self.purpose.value,
             "state": self.state.value,
             "alg": self.alg,

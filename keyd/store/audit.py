@@ -7,7 +7,6 @@ SQLAlchemy errors through the Store (its sessions, ``transaction``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
+from keyd.audit.events import EventFilter
 from keyd.store.locks import AUDIT_LOCK, lock_transaction
 from keyd.store.tables import AuditEventRow, AuditHeadRow
 
@@ -93,33 +93,24 @@ def event_hash(session: Session, segment: str, seq: int) -> str | None:
     return None if row is None else row.hash
 
 
-@dataclass(frozen=True)
-class EventFilter:
-    """Events in [since, until) whose fields equal those given (None: any)."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    action: str | None = None
-    kid: str | None = None
-    actor: str | None = None
-
-    def apply(self, query: SelectOfScalar[AuditEventRow]) -> SelectOfScalar[AuditEventRow]:
-        if self.since is not None:
-            query = query.where(col(AuditEventRow.at) >= self.since)
-        if self.until is not None:
-            query = query.where(col(AuditEventRow.at) < self.until)
-        for column, value in ((AuditEventRow.action, self.action), (AuditEventRow.kid, self.kid),
-                              (AuditEventRow.actor, self.actor)):
-            if value is not None:
-                query = query.where(column == value)
-        return query
+def _filtered(query: SelectOfScalar[AuditEventRow],
+              where: EventFilter) -> SelectOfScalar[AuditEventRow]:
+    if where.since is not None:
+        query = query.where(col(AuditEventRow.at) >= where.since)
+    if where.until is not None:
+        query = query.where(col(AuditEventRow.at) < where.until)
+    for column, value in ((AuditEventRow.action, where.action), (AuditEventRow.kid, where.kid),
+                          (AuditEventRow.actor, where.actor)):
+        if value is not None:
+            query = query.where(column == value)
+    return query
 
 
 def events(session: Session, where: EventFilter, *, before: tuple[str, int] | None = None,
            newest_first: bool, limit: int) -> list[AuditEventRow]:
     """Events matching ``where``, older than the event ``before`` (segment, seq)
     when given, in (time, segment, seq) order or its reverse."""
-    query = where.apply(select(AuditEventRow))
+    query = _filtered(select(AuditEventRow), where)
     if before is not None:
         at = (select(col(AuditEventRow.at))
               .where(AuditEventRow.segment == before[0], AuditEventRow.seq == before[1])

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
-from keyd.audit import AuditEvent, AuditLog
+from keyd.audit import AuditEvent, AuditLog, EventFilter
 from keyd.clock import SettableClock
 from keyd.errors import ConfigError, KeydError, StoreUnavailable
 from keyd.lease import Lease
@@ -91,7 +91,7 @@ def test_a_naive_time_given_to_an_audit_read_is_a_value_error_not_a_sqlalchemy_o
     audit = AuditLog(store, SettableClock(T0))
     try:
         with pytest.raises(ValueError, match="naive datetime") as caught:
-            audit.list(since=datetime(2025, 3, 1))  # noqa: DTZ001 - the programming error
+            audit.list(EventFilter(since=datetime(2025, 3, 1)))  # noqa: DTZ001 - the programming error
         assert not isinstance(caught.value, SQLAlchemyError)
     finally:
         audit.close()

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, payload_hash
+from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, EventFilter, payload_hash
 from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
@@ -350,10 +350,11 @@ def test_list_filters_and_returns_the_latest_events_in_order(
         log.record(_event(n, action="sign.jws" if n % 2 else "decrypt.jwe",
                           kid=f"kid-{n % 3}", actor=f"a{n % 2}"))
     assert [r.detail["n"] for r in log.list(limit=2)] == [4, 5]
-    assert [r.detail["n"] for r in log.list(since=T0 + timedelta(minutes=2), limit=2)] == [2, 3]
-    assert [r.detail["n"] for r in log.list(action="decrypt.jwe")] == [0, 2, 4]
-    assert [r.detail["n"] for r in log.list(kid="kid-1")] == [1, 4]
-    assert [r.detail["n"] for r in log.list(actor="a1", kid="kid-0")] == [3]
+    from_minute_two = EventFilter(since=T0 + timedelta(minutes=2))
+    assert [r.detail["n"] for r in log.list(from_minute_two, limit=2)] == [2, 3]
+    assert [r.detail["n"] for r in log.list(EventFilter(action="decrypt.jwe"))] == [0, 2, 4]
+    assert [r.detail["n"] for r in log.list(EventFilter(kid="kid-1"))] == [1, 4]
+    assert [r.detail["n"] for r in log.list(EventFilter(actor="a1", kid="kid-0"))] == [3]
 
 
 def test_a_closed_log_refuses_to_record(store: Store, clock: SettableClock) -> None:

@@ -264,3 +264,11 @@ class TestSecrets:
         assert reveal(None) == b"from-credential"
         monkeypatch.delenv("CREDENTIALS_DIRECTORY")
         assert reveal(None) is None
+
+
+def test_an_ipv6_listen_address_prints_as_config_toml_wrote_it() -> None:
+    """Log lines and errors name "[::1]:8443", not the ambiguous "::1:8443"."""
+    from keyd.config import Listen
+
+    assert str(Listen("::1", 8443)) == "[::1]:8443"
+    assert str(Listen("127.0.0.1", 8443)) == "127.0.0.1:8443"

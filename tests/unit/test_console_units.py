@@ -169,7 +169,7 @@ def test_countdowns_read_at_a_glance() -> None:
 
 def key(kid: str, state: KeyState, **fields: Any) -> KeyRow:
     """A KeyRow with ``fields`` (its times, ``changed`` for state_changed_at, a reason)."""
-    return KeyRow(id="kv_" + kid, kid=kid, provisional=False, purpose=Purpose.SIGNING,
+    return KeyRow(id="kv_" + kid, kid=kid, purpose=Purpose.SIGNING,
                   state=state, alg="PS256", key_size=2048, backend="local",
                   created_at=fields.get("publish_at", T0 - timedelta(days=100)),
                   state_changed_at=fields.pop("changed", T0 - timedelta(days=1)), **fields)

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from keyd.audit import EventFilter
 from keyd.clock import SettableClock
 from keyd.jobs import Jobs
 from keyd.model import KeyState, Purpose
@@ -86,7 +87,7 @@ def test_alerts_are_audited(tmp_path: Path) -> None:
     try:
         service.init()
         Jobs(service).run()  # the default alerter: log, configured channels, audit
-        events = service.audit.list(action="alert.send")
+        events = service.audit.list(EventFilter(action="alert.send"))
         assert [e.detail["title"] for e in events] == ["transport key deployment failed"]
         assert events[0].actor == "keyd" and events[0].kid is not None
     finally:

@@ -50,7 +50,7 @@ from keyd.backends.pkcs11.token import (
     logged_in,
     session_usable,
 )
-from keyd.config import Pkcs11BackendSettings, Settings, Table, read_secret
+from keyd.config import Pkcs11BackendSettings, Settings, Table, require_secret
 from keyd.errors import (
     BackendError,
     BackendUnavailable,
@@ -132,12 +132,8 @@ class Pkcs11Backend:
         self._token = find_token(lib, cfg.module, cfg.token_label, cfg.token_serial)
         if cfg.pin_file is not None and not cfg.pin_file.is_file():
             raise ConfigError(f"[backend.pkcs11] pin_file: {cfg.pin_file} not found")
-        pin = read_secret(cfg.pin_file, "KEYD_PKCS11_PIN", "pkcs11-pin")
-        if pin is None:
-            raise ConfigError(
-                "pkcs11: no PIN: set [backend.pkcs11] pin_file, $KEYD_PKCS11_PIN "
-                "or the systemd credential pkcs11-pin"
-            )
+        pin = require_secret(cfg.pin_file, "KEYD_PKCS11_PIN", "pkcs11-pin",
+                             missing="pkcs11: no PIN", key="[backend.pkcs11] pin_file")
         self._cfg = cfg
         self.label = self._token.label
         self._probe_key = (str(cfg.module.resolve()), self._token.slot.slot_id)
@@ -485,7 +481,6 @@ def identity(settings: Settings) -> str:
 
 
 PLUGIN = BackendPlugin(
-    kind="pkcs11",
     capabilities=CAPABILITIES,
     read_settings=read_settings,
     build=from_settings,
