@@ -90,7 +90,8 @@ def test_crash_at_failpoint_then_restart_keeps_the_invariants(tmp_path: Path, po
     elif how == "rotate-now":
         killed(cfg, point, "rotate", "signing", "--now")
     elif how == "revoke":
-        killed(cfg, point, "revoke", active_kid(cfg, "encryption"), "--reason", "sweep")
+        # "--": a kid is base64url, and one in 64 starts with "-".
+        killed(cfg, point, "revoke", "--reason", "sweep", "--", active_kid(cfg, "encryption"))
     else:
         if how == "serve":
             keyd(cfg, "rotate", "signing")  # pending; prepublish 0s: due at start-up
