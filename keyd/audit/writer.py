@@ -130,7 +130,9 @@ class Writer:
             # no PostgreSQL pre-ping round trip) per batch.
             if self._conn is None:
                 self._conn = self._store.connect(write=True)
-            with self._store.transaction(self._conn, "audit append"):
+            # Its turn first (SQLite: another worker may be committing), then
+            # BEGIN IMMEDIATE finds the write lock free instead of sleeping.
+            with self._store.writer_turn(), self._store.transaction(self._conn, "audit append"):
                 chain.append(self._conn, this_replica(), [p.values for p in batch])
         except KeydError as e:
             self._disconnect(broken=True)  # a fresh connection for the next batch

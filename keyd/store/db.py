@@ -30,7 +30,7 @@ from keyd.errors import ConfigError, Conflict, StoreUnavailable
 from keyd.resources import migrations_dir
 from keyd.store.engines import BEGIN as _BEGIN
 from keyd.store.engines import make_engine, parse_url
-from keyd.store.locks import MIGRATE_LOCK, lock_transaction
+from keyd.store.locks import MIGRATE_LOCK, WriterTurn, lock_transaction
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Store:
         # join the caller's transaction instead of waiting on a lock it holds.
         self._local = threading.local()
         self._engine = make_engine(self._url)
+        database = self.file_path()
+        self._turn = None if database is None else WriterTurn(database)
 
     def __repr__(self) -> str:
         return f"Store({self._url.render_as_string(hide_password=True)!r})"
@@ -176,6 +178,11 @@ class Store:
         with self.converted(operation), conn.begin():
             yield conn
 
+    def writer_turn(self) -> contextlib.AbstractContextManager[None]:
+        """Around a busy writer's transaction: its turn among this host's
+        processes (SQLite, see ``WriterTurn``); nothing to wait for on PostgreSQL."""
+        return contextlib.nullcontext() if self._turn is None else self._turn.taken()
+
     @staticmethod
     @contextlib.contextmanager
     def converted(operation: str) -> Iterator[None]:
@@ -240,6 +247,8 @@ class Store:
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._turn is not None:
+            self._turn.close()
 
 
 def store_error(e: SQLAlchemyError, operation: str) -> Exception:

@@ -4,7 +4,12 @@ version, so old and new processes on one database exclude each other."""
 from __future__ import annotations
 
 import secrets
+import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -97,3 +102,80 @@ def test_the_leader_lock_holder_is_found_in_this_database_only(
         neighbour.close()
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ---------------------------------------------------------------- SQLite's writer turn
+
+
+def test_the_writer_turn_is_a_0600_file_beside_the_database(tmp_path: Path) -> None:
+    turn = locks.WriterTurn(tmp_path / "keyd.db")
+    with turn.taken():
+        assert stat.S_IMODE((tmp_path / "keyd.db-writer.lock").stat().st_mode) == 0o600
+    turn.close()
+
+
+def test_another_process_holding_the_turn_makes_a_writer_wait_then_defer_to_sqlite(
+        tmp_path: Path) -> None:
+    """A holder in another process keeps the turn; past its patience the writer
+    goes ahead (SQLite's busy timeout decides), and once free it takes the turn."""
+    lock_file = tmp_path / "keyd.db-writer.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({str(lock_file)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        impatient = locks.WriterTurn(tmp_path / "keyd.db", patience=0.05)
+        assert impatient._acquire(impatient._open()) is False
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(10) == 0
+        assert impatient._acquire(impatient._open()) is True
+        impatient.close()
+    finally:
+        holder.kill()
+        holder.communicate()  # reaps it and closes its pipes
+
+
+def test_threads_of_one_process_take_the_turn_one_at_a_time(tmp_path: Path) -> None:
+    turn = locks.WriterTurn(tmp_path / "keyd.db")
+    inside: list[str] = []
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def first() -> None:
+        with turn.taken():
+            inside.append("first in")
+            first_in.set()
+            release_first.wait(10)
+            inside.append("first out")
+
+    def second() -> None:
+        with turn.taken():
+            inside.append("second in")
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert first_in.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    release_first.set()
+    a.join(10)
+    b.join(10)
+    assert inside == ["first in", "first out", "second in"]
+    turn.close()
+
+
+def test_a_postgresql_store_has_no_turn_to_wait_for(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    try:
+        with store.writer_turn():
+            pass
+        assert store.file_path() is None
+    finally:
+        store.close()
