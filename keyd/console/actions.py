@@ -13,9 +13,9 @@ from starlette.responses import RedirectResponse, Response
 
 from keyd.console import web
 from keyd.console.pages import purpose_of
-from keyd.console.sessions import Session
 from keyd.errors import BadRequest
 from keyd.service import Caller
+from keyd.store.sessions import Session
 
 if TYPE_CHECKING:
     from keyd.console.app import Console

@@ -27,11 +27,12 @@ from keyd.audit import AuditEvent
 from keyd.clock import utc
 from keyd.console import actions, pages, web
 from keyd.console.render import environment, relative
-from keyd.console.sessions import FILE_NAME as SESSIONS_FILE
-from keyd.console.sessions import Session, SessionStore, same_secret
+from keyd.console.web import same_secret
 from keyd.errors import Forbidden, KeydError, Unauthorized
 from keyd.policy import Operation
 from keyd.service import Caller, KeyService
+from keyd.store.sessions import FILE_NAME as SESSIONS_FILE
+from keyd.store.sessions import Session, SessionStore
 
 log = logging.getLogger("keyd.console")
 

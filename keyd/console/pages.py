@@ -13,10 +13,10 @@ from starlette.responses import Response
 from keyd.audit import EventFilter
 from keyd.clock import utc
 from keyd.console import timeline, views
-from keyd.console.sessions import Session
 from keyd.errors import BadRequest, NotFound
 from keyd.model import Purpose
 from keyd.service import Caller
+from keyd.store.sessions import Session
 
 if TYPE_CHECKING:
     from keyd.console.app import Console

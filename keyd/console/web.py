@@ -8,6 +8,7 @@ post only here), ``X-Frame-Options: DENY`` and ``Cache-Control: no-store``
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from collections.abc import AsyncGenerator
 from urllib.parse import parse_qsl
@@ -42,6 +43,11 @@ HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
 MAX_FIELDS = 10
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented secret (CSRF token) with ours."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 class SecurityHeaders:

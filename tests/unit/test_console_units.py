@@ -16,16 +16,16 @@ import pytest
 from keyd.clock import SettableClock
 from keyd.console import timeline
 from keyd.console.render import duration, environment, relative
-from keyd.console.sessions import (
+from keyd.console.views import KeyRow, shape_readiness
+from keyd.console.web import same_secret
+from keyd.model import KeyState, Purpose
+from keyd.store.sessions import (
     ABSOLUTE,
     IDLE,
     MAX_SESSIONS,
     SessionStore,
     _digest,
-    same_secret,
 )
-from keyd.console.views import KeyRow, shape_readiness
-from keyd.model import KeyState, Purpose
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -108,7 +108,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from keyd.clock import SettableClock
-from keyd.console.sessions import SessionStore
+from keyd.store.sessions import SessionStore
 store = SessionStore(SettableClock(datetime(2026, 11, 30, 12, 1, tzinfo=UTC)), Path(sys.argv[1]))
 session = store.get(sys.argv[2])
 assert session is not None and session.client == "admin-1"

@@ -1,4 +1,4 @@
-"""Console sessions: a bearer token once at sign-in, then a cookie.
+"""The admin console's sessions, stored: a bearer token once at sign-in, then a cookie.
 
 The cookie carries only a random session id (256 bits); the server keeps
 the session (the client's name, its CSRF token, its expiries, its flashes)
@@ -17,13 +17,13 @@ WAL, one short transaction per operation), not in the daemon's store: the
 console is served only on the loopback listener, so a browser only ever
 talks to the processes of one host, and a session need not outlive or
 travel beyond that host (replicas keep their own).  Nothing here needs a
-migration: the file is made, or remade, as it is.
+migration: the file is made, or remade, as it is.  (It sits in store/ with
+the rest of keyd's SQL; keyd/console/ uses it.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -68,11 +68,6 @@ def _us(at: datetime) -> int:
 
 def _at(us: int) -> datetime:
     return _EPOCH + us * _US
-
-
-def same_secret(given: str | None, expected: str) -> bool:
-    """Constant-time comparison of a presented secret (CSRF token) with ours."""
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 @dataclass
