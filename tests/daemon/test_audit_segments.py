@@ -8,7 +8,7 @@ taken its segment lock in the database."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from keyd.store.locks import AUDIT_LOCK
-from tests.fixtures.daemon import Daemon, keyd, start, write_config
+from tests.fixtures.daemon import Daemon, keyd, start, until, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.fixtures.tcp_proxy import TcpProxy
 from tests.fixtures.transit import least_privilege_transit, vault_tables
@@ -26,13 +26,6 @@ pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 WAIT = 30.0  # liveness bound for event waits, not a timing assertion
 
 
-def until(predicate: Callable[[], object], what: str) -> None:
-    tick = threading.Event()
-    for _ in range(int(WAIT / 0.05)):
-        if predicate():
-            return
-        tick.wait(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def segment_lock_held(url: str, segment: str) -> bool:

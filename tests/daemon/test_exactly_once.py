@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 
 from keyd.alerts import Alert, Alerter
@@ -25,12 +23,12 @@ from keyd.errors import Conflict, KeydError, RotationUnderWay
 from keyd.jobs import Jobs
 from keyd.model import KeyState, Purpose
 from keyd.replica import host, this_replica
-from keyd.resources import migrations_dir
 from keyd.service import KeyInfo, KeyService
 from keyd.store import queries
 from keyd.store.db import Store
 from keyd.store.tables import KeyIntent, KeyVersion
 from tests.fixtures.daemon import KEYD, keyd, running, write_config
+from tests.fixtures.postgres import upgrade
 from tests.fixtures.service import Recorder, jobs_for, open_service
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -111,11 +109,8 @@ def test_migration_0002_repairs_a_store_the_old_code_left_with_surplus_keys(
         store_url: str) -> None:
     store = Store(store_url)
     try:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(migrations_dir()))
         with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0001")
+            upgrade(conn, "0001")
         with store.session() as s:
             for i in range(3):  # the storm: three pending signing keys
                 s.add(_row("signing", KeyState.PENDING, id=f"p{i}",

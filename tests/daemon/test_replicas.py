@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,13 @@ import pytest
 from keyd import config as keyd_config
 from keyd.model import Purpose
 from keyd.service import KeyService
-from tests.fixtures.daemon import KEYD, Daemon, keyd, start, write_config
+from tests.fixtures.daemon import KEYD, Daemon, keyd, start, until, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.fixtures.transit import least_privilege_transit, vault_tables
 
 pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 
 LEASE = 2.0
-WAIT = 15 * LEASE  # liveness bound for event waits, not a timing assertion
 
 
 def readyz(daemon: Daemon) -> dict[str, Any]:
@@ -34,14 +32,6 @@ def readyz(daemon: Daemon) -> dict[str, Any]:
     return answer
 
 
-def until(predicate: Any, what: str) -> None:
-    """Poll ``predicate`` on an event's clock until it holds (bounded by WAIT)."""
-    tick = threading.Event()
-    for _ in range(int(WAIT / 0.1)):
-        if predicate():
-            return
-        tick.wait(0.1)
-    raise AssertionError(f"never happened: {what}")
 
 
 @pytest.fixture

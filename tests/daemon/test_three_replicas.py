@@ -26,7 +26,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from tests.fixtures.daemon import Daemon, keyd, start, write_config
+from tests.fixtures.daemon import Daemon, keyd, start, until, write_config
 from tests.fixtures.openbao import BaoServer
 from tests.fixtures.transit import Transit, least_privilege_transit, vault_tables
 from tests.fixtures.webhook import Webhook
@@ -34,16 +34,8 @@ from tests.fixtures.webhook import Webhook
 pytestmark = [pytest.mark.vault, pytest.mark.postgres, pytest.mark.slow]
 
 ROTATIONS = 100
-WAIT = 30.0  # liveness bound for polling, not a timing assertion
 
 
-def until(predicate: Any, what: str) -> None:
-    tick = threading.Event()
-    for _ in range(int(WAIT / 0.1)):
-        if predicate():
-            return
-        tick.wait(0.1)
-    raise AssertionError(f"never happened: {what}")
 
 
 def ready(daemon: Daemon) -> dict[str, Any]:

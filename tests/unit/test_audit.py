@@ -15,8 +15,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 
 from keyd.audit import GENESIS, AuditEvent, AuditLog, Broken, EventFilter, payload_hash
@@ -24,10 +22,9 @@ from keyd.audit.chain import append
 from keyd.clock import SettableClock
 from keyd.errors import StoreUnavailable
 from keyd.replica import this_replica
-from keyd.resources import migrations_dir
 from keyd.store import audit as audit_sql
 from keyd.store.db import Store
-from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url
+from tests.fixtures.postgres import PG_ADMIN_DSN, read_only_url, upgrade
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +185,7 @@ CHILD = textwrap.dedent(
     import sys
     from keyd.audit import AuditEvent, AuditLog
     from keyd.clock import SystemClock
-    from keyd.store.db import Store, migrations_dir
+    from keyd.store.db import Store
     store = Store(sys.argv[1])
     log = AuditLog(store, SystemClock())
     print("ready", flush=True)
@@ -380,11 +377,8 @@ def test_migration_0005_keeps_the_old_chain_as_the_legacy_segment(
         store_url: str, clock: SettableClock) -> None:
     store = Store(store_url)
     try:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(migrations_dir()))
         with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0004")
+            upgrade(conn, "0004")
             prev = GENESIS
             for seq in (1, 2, 3):
                 at = T0 + timedelta(seconds=seq)
