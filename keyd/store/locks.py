@@ -100,16 +100,21 @@ class WriterTurn:
     def taken(self) -> Iterator[None]:
         with self._threads:
             fd = self._open()
-            held = self._acquire(fd)
+            held = fd is not None and self._acquire(fd)
             try:
                 yield
             finally:
-                if held:
+                if held and fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _open(self) -> int:
+    def _open(self) -> int | None:
+        """The lock file, made 0600 on first use; None where it cannot be opened
+        (a read-only folder): then SQLite's busy handler alone queues the writers."""
         if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
         return self._fd
 
     def _acquire(self, fd: int) -> bool:

@@ -130,16 +130,26 @@ def test_another_process_holding_the_turn_makes_a_writer_wait_then_defer_to_sqli
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         impatient = locks.WriterTurn(tmp_path / "keyd.db", patience=0.05)
-        assert impatient._acquire(impatient._open()) is False
+        fd = impatient._open()
+        assert fd is not None and impatient._acquire(fd) is False
         assert holder.stdin is not None
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.wait(10) == 0
-        assert impatient._acquire(impatient._open()) is True
+        assert impatient._acquire(fd) is True
         impatient.close()
     finally:
         holder.kill()
         holder.communicate()  # reaps it and closes its pipes
+
+
+def test_a_lock_file_that_cannot_be_made_leaves_the_queue_to_sqlite(tmp_path: Path) -> None:
+    """A folder where the lock file cannot be created: the writer still writes."""
+    turn = locks.WriterTurn(tmp_path / "missing-folder" / "keyd.db")
+    with turn.taken():
+        pass
+    assert not (tmp_path / "missing-folder").exists()
+    turn.close()
 
 
 def test_threads_of_one_process_take_the_turn_one_at_a_time(tmp_path: Path) -> None:
