@@ -5,6 +5,7 @@ a ratio against a reference measured in the same run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -27,6 +28,19 @@ from tests.fixtures.daemon import Daemon, keyd, start, write_config  # noqa: E40
 
 CONNECTIONS = 16  # p50/p99 are reported at this concurrency (issue 13)
 SIGN_BODY = '{"payload": {"bench": "sign", "scope": "accounts", "n": 1}}'
+
+
+def arguments(doc: str | None, *, seconds: int = 5,
+              extra: Callable[[argparse.ArgumentParser], object] | None = None,
+              ) -> argparse.Namespace:
+    """Every benchmark's command line: --seconds, --connections, and its own ``extra``."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--seconds", type=int, default=seconds)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="wrk connections (p50/p99 are reported at 16)")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args()
 
 
 def openssl_rsa2048(seconds: int) -> float:

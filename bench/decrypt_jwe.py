@@ -9,7 +9,6 @@ Target ratio 0.55 (issue 13).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from joserfc import jwe  # noqa: E402 - after the path fix
 from joserfc.jwk import KeySet  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    CONNECTIONS,
+    arguments,
     bench_daemon,
     openssl_rsa2048,
     report,
@@ -31,10 +30,7 @@ from bench._common import (  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS)
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     before = openssl_rsa2048(min(args.seconds, 3))
     with tempfile.TemporaryDirectory(prefix="keyd-bench-jwe-") as folder, \

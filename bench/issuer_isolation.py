@@ -14,7 +14,6 @@ took an unrelated sign from 0.12 s to 3.7 s).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import sys
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import wrk  # noqa: E402 - after the path fix
+from bench._common import arguments, wrk  # noqa: E402 - after the path fix
 from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
 
 
@@ -103,11 +102,9 @@ def verify_storm(api_url: str, token: str, stop: threading.Event, callers: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--callers", type=int, default=48, help="background verify callers")
-    args = parser.parse_args()
+    args = arguments(__doc__, seconds=8,
+                     extra=lambda p: p.add_argument("--callers", type=int, default=48,
+                                                   help="background verify callers"))
 
     jwks = TricklingJwks()
     try:

@@ -12,7 +12,6 @@ any Python server on uvicorn reaches here, and keyd's share of it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (  # noqa: E402 - after the path fix
-    CONNECTIONS,
     SIGN_BODY,
+    arguments,
     bare_uvicorn,
     bench_daemon,
     openssl_rsa2048,
@@ -32,10 +31,7 @@ from bench._common import (  # noqa: E402 - after the path fix
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS)
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     # The reference is taken before and after keyd's run and averaged, so a
     # change in the machine's load during the run moves both sides alike.

@@ -18,20 +18,23 @@ ceiling: keyd adds HTTP, JSON, JOSE and the audit log around each C_Sign.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sqlite3
 import sys
 import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import CONNECTIONS, worker_rss_mib, wrk  # noqa: E402 - after the path fix
+from bench._common import (  # noqa: E402 - after the path fix
+    arguments,
+    timed_loop,
+    worker_rss_mib,
+    wrk,
+)
 from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
 from tests.fixtures.softhsm import SoftHsm, initialise_token  # noqa: E402
 
@@ -74,45 +77,31 @@ def direct_signs_per_second(hsm: SoftHsm, key_id: bytes, threads: list[int],
     login = token.open(user_pin=hsm.pin)
     param = (Mechanism.SHA256, MGF.SHA256, 32)
     rates: dict[str, float] = {}
+    opened: list[Any] = []
 
-    def loop(key: Any, barrier: threading.Barrier, deadline: list[float],
-             counts: list[int], i: int) -> None:
-        barrier.wait()
-        while time.perf_counter() < deadline[0]:
-            key.sign(DATA, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)
-            counts[i] += 1
+    def make() -> Callable[[], object]:
+        """Each thread's own session and key handle: C_Sign on ``key_id``."""
+        session = token.open()
+        opened.append(session)
+        # A PrivateKey (it signs); python-pkcs11's get_key is typed as the base Key.
+        key: Any = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+        return lambda: key.sign(DATA, mechanism=Mechanism.SHA256_RSA_PKCS_PSS,
+                                mechanism_param=param)
 
     try:
         for n in threads:
-            sessions = [token.open() for _ in range(n)]
-            keys = [s.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id) for s in sessions]
-            counts = [0] * n
-            barrier = threading.Barrier(n + 1)
-            deadline = [0.0]
-            workers = [threading.Thread(target=loop, args=(keys[i], barrier, deadline, counts, i))
-                       for i in range(n)]
-            for w in workers:
-                w.start()
-            began = time.perf_counter()
-            deadline[0] = began + seconds
-            barrier.wait()
-            for w in workers:
-                w.join()
-            elapsed = time.perf_counter() - began
-            rates[str(n)] = round(sum(counts) / elapsed, 1)
-            for s in sessions:
-                s.close()
+            rates[str(n)] = timed_loop(make, n, seconds)["per_second"]
+            while opened:
+                opened.pop().close()
     finally:
         login.close()
     return rates
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS)
-    parser.add_argument("--sessions", type=int, default=4, help="[backend.pkcs11] sessions")
-    args = parser.parse_args()
+    args = arguments(__doc__,
+                     extra=lambda p: p.add_argument("--sessions", type=int, default=4,
+                                                   help="[backend.pkcs11] sessions"))
 
     with tempfile.TemporaryDirectory(prefix="keyd-bench-pkcs11-") as tmp:
         folder = Path(tmp)

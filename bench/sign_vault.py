@@ -14,7 +14,6 @@ says what keyd's own work (auth, policy, JOSE, audit, HTTP) costs on top.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (  # noqa: E402 - after the path fix
-    CONNECTIONS,
+    arguments,
     timed_loop,
     worker_rss_mib,
     wrk,
@@ -52,11 +51,7 @@ def direct_transit_loop(server: BaoServer, key: str, threads: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS,
-                        help="wrk connections to keyd, and the direct loop's threads")
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     with tempfile.TemporaryDirectory(prefix="keyd-bench-vault-") as folder:
         server = start_server(Path(folder) / "openbao")

@@ -10,7 +10,6 @@ JOSE checks, audit) costs beside HTTP alone.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import sys
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402 - after the path
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    CONNECTIONS,
+    arguments,
     bare_uvicorn,
     bench_daemon,
     report,
@@ -49,10 +48,7 @@ def issuer_message(key: rsa.RSAPrivateKey) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS)
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     numbers = key.public_key().public_numbers()
