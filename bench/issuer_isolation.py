@@ -14,31 +14,28 @@ took an unrelated sign from 0.12 s to 3.7 s).
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import arguments, wrk  # noqa: E402 - after the path fix
-from tests.fixtures.daemon import keyd, start, write_config  # noqa: E402
+from tests.fixtures.daemon import StaticServer, keyd, start, write_config  # noqa: E402
+from tests.fixtures.jose import b64u  # noqa: E402
 
 
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class TricklingJwks:
-    """Answers the first request at once (keyd's start-up fetch), then drips."""
+class TricklingJwks(StaticServer):
+    """Answers the first request at once (keyd's start-up fetch), then, once
+    ``trickle`` is set, drips a byte every 0.5 s."""
 
     def __init__(self) -> None:
+        super().__init__()
         # Any well-formed key will do: the verifies ask for kids it lacks.
         from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -48,38 +45,24 @@ class TricklingJwks:
             "n": b64u(numbers.n.to_bytes(256, "big")), "e": b64u(b"\x01\x00\x01")}]}).encode()
         self.stop = threading.Event()
         self.trickle = threading.Event()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(outer.body)))
-                self.end_headers()
-                try:
-                    if not outer.trickle.is_set():
-                        self.wfile.write(outer.body)
-                        return
-                    for i in range(len(outer.body)):
-                        self.wfile.write(outer.body[i:i + 1])
-                        self.wfile.flush()
-                        if outer.stop.wait(0.5):
-                            return
-                except OSError:
-                    return  # keyd gave up, as it should
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        if not self.trickle.is_set():
+            super().answer(handler)
+            return
+        self.send_head(handler)
+        try:
+            for i in range(len(self.body)):
+                handler.wfile.write(self.body[i:i + 1])
+                handler.wfile.flush()
+                if self.stop.wait(0.5):
+                    return
+        except OSError:
+            return  # keyd gave up, as it should
 
     def close(self) -> None:
         self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def verify_storm(api_url: str, token: str, stop: threading.Event, callers: int) -> list[int]:

@@ -10,7 +10,6 @@ JOSE checks, audit) costs beside HTTP alone.
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import tempfile
@@ -30,12 +29,9 @@ from bench._common import (  # noqa: E402
     wrk,
 )
 from tests.fixtures.daemon import StaticServer  # noqa: E402
+from tests.fixtures.jose import b64u  # noqa: E402
 
 KID = "bench-issuer-1"
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def issuer_message(key: rsa.RSAPrivateKey) -> str:

@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from joserfc import jwe
 from joserfc.jwk import KeySet
 
-from tests.fixtures.daemon import Daemon, running
+from tests.fixtures.daemon import Daemon, StaticServer, running
 from tests.fixtures.jose import b64u
 
 pytestmark = pytest.mark.slow  # a real keyd process per test or module
@@ -40,42 +40,26 @@ def token(kid: str, payload: str) -> str:
     return f"{signing_input}.{b64u(signature)}"
 
 
-class HeldJwks:
+class HeldJwks(StaticServer):
     """A JWKS endpoint that, once ``hold`` is set, keeps each request open
     until ``release`` is set, announcing it on ``held``."""
 
     def __init__(self, kid: str) -> None:
+        super().__init__()
         self.body = json.dumps({"keys": [jwk(kid)]}).encode()
         self.hold = threading.Event()
         self.held = threading.Event()
         self.release = threading.Event()
-        self.requests = 0
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                outer.requests += 1
-                if outer.hold.is_set():
-                    outer.held.set()
-                    outer.release.wait(60)  # bounded, in case the test fails first
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(outer.body)))
-                self.end_headers()
-                self.wfile.write(outer.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        if self.hold.is_set():
+            self.held.set()
+            self.release.wait(60)  # bounded, in case the test fails first
+        super().answer(handler)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
